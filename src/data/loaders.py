@@ -1,0 +1,74 @@
+"""An in-memory batch iterator and the plain batch samplers.
+
+The loader only indexes uint8 tensors; augmentation happens after the batch reaches its device
+(``LightningDataModule.on_after_batch_transfer``), so the loader never starves the model.
+Batch order is a pure function of (seed, epoch, rank): a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def rank_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 9_176 + rank * 7_919) % (2**63 - 1))
+    return g
+
+
+class RandomBatchSampler:
+    """Shuffled batches; each DDP rank takes a disjoint stride of the same permutation."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_indices(self) -> torch.Tensor:
+        order = torch.randperm(self.n, generator=rank_generator(self.seed, self.epoch)) if self.shuffle else torch.arange(self.n)
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.n / self.world_size) if self.shuffle else len(range(self.rank, self.n, self.world_size))
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        idx = self._my_indices()
+        for start in range(0, len(idx), self.batch_size):
+            batch = idx[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch
+
+
+class InMemoryLoader:
+    """Yields (uint8 images, labels, positions) for each index batch its batch sampler draws."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_sampler,
+                 epoch_fn: Callable[[], int] | None = None):
+        if len(images) != len(labels):
+            raise ValueError("images and labels differ in length")
+        self.images, self.labels, self.batch_sampler = images, labels, batch_sampler
+        self.epoch_fn = epoch_fn
+
+    def to(self, device) -> InMemoryLoader:
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        if self.epoch_fn is not None and hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(self.epoch_fn())
+        for idx in self.batch_sampler:
+            dev_idx = idx.to(self.images.device)
+            yield self.images[dev_idx], self.labels[dev_idx], idx

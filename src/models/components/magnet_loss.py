@@ -1,0 +1,95 @@
+"""Magnet loss (Rippel et al., ICLR 2016, eq. 5) and the magnet classification rule.
+
+Every exponential is taken in log space (logsumexp / softmax), so far-away clusters cannot underflow
+to 0 and give log(0). sigma^2 is a plain variance (no second squaring), and clusters of any size work.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_batch(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor) -> None:
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [N, E], got shape {tuple(embeddings.shape)}")
+    n = embeddings.shape[0]
+    if cluster_ids.shape != (n,) or labels.shape != (n,):
+        raise ValueError(f"cluster_ids and labels must be [N]={n}, got {tuple(cluster_ids.shape)} and {tuple(labels.shape)}")
+    if n < 2:
+        raise ValueError("magnet loss needs at least 2 examples in a batch to estimate the variance")
+
+
+def cluster_statistics(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor):
+    """In-batch cluster means, each cluster's label, and each example's cluster position."""
+    uniq, position = torch.unique(cluster_ids, return_inverse=True)
+    num_clusters = len(uniq)
+    counts = torch.zeros(num_clusters, device=embeddings.device, dtype=embeddings.dtype)
+    counts.index_add_(0, position, torch.ones_like(position, dtype=embeddings.dtype))
+    sums = torch.zeros(num_clusters, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
+    sums.index_add_(0, position, embeddings)
+    means = sums / counts[:, None]
+    cluster_labels = torch.full((num_clusters,), -1, dtype=labels.dtype, device=labels.device)
+    cluster_labels.scatter_(0, position, labels)
+    if not torch.equal(cluster_labels[position], labels):
+        raise ValueError("every cluster must hold examples of a single label, but a cluster_id mixes labels")
+    return means, cluster_labels, position
+
+
+def magnet_loss_with_options(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, alpha: float = 1.0,
+                             detach_variance: bool = False, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    _check_batch(embeddings, cluster_ids, labels)
+    means, cluster_labels, position = cluster_statistics(embeddings, cluster_ids, labels)
+    # Exact squared distances (not the expanded |a|^2 - 2ab + |b|^2 form, which cancels badly when close).
+    sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, C]
+    own = sq_dist.gather(1, position[:, None]).squeeze(1)
+    variance = own.sum() / (embeddings.shape[0] - 1)
+    var_used = variance.detach() if detach_variance else variance
+    scale = 1.0 / (2.0 * var_used.clamp_min(eps))
+    impostor = cluster_labels[None, :] != labels[:, None]
+    lacking = ~impostor.any(1)
+    if lacking.any():
+        missing = sorted(set(labels[lacking].tolist()))
+        raise ValueError(
+            f"magnet loss needs a cluster of another class for every example, but examples of label(s) "
+            f"{missing} have none in this batch; sample clusters from at least two classes"
+        )
+    logits = (-sq_dist * scale).masked_fill(~impostor, float("-inf"))
+    losses = torch.relu(own * scale + alpha + torch.logsumexp(logits, dim=1))
+    return losses, variance
+
+
+def magnet_loss(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-example magnet losses after the hinge, [N], and the batch variance sigma^2 (a 0-d tensor)."""
+    return magnet_loss_with_options(embeddings, cluster_ids, labels, alpha=alpha)
+
+
+def magnet_predict(embeddings: Tensor, centroids: Tensor, centroid_labels: Tensor, variance: float,
+                   num_classes: int, L: int) -> Tensor:
+    """Class probabilities [Q, num_classes] from the L nearest centroids (all of them if L > C)."""
+    variance = float(variance)
+    if not variance > 0:
+        raise ValueError(f"variance must be > 0, got {variance}")
+    if L < 1:
+        raise ValueError(f"L must be >= 1, got {L}")
+    if centroids.shape[0] == 0:
+        raise ValueError("magnet_predict needs at least one centroid")
+    sq_dist = torch.cdist(embeddings.float(), centroids.float()).pow(2)
+    k = min(L, centroids.shape[0])
+    nearest_dist, nearest = sq_dist.topk(k, dim=1, largest=False)
+    weights = torch.softmax(-nearest_dist / (2.0 * variance), dim=1)  # log-space: no underflow to 0/0
+    probs = torch.zeros(embeddings.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+    return probs.scatter_add_(1, centroid_labels.to(weights.device)[nearest], weights)
+
+
+class MagnetLoss(torch.nn.Module):
+    """Reduces the per-example magnet losses to their mean; keeps the knobs that are not in the paper's API."""
+
+    def __init__(self, alpha: float = 1.0, detach_variance: bool = False):
+        super().__init__()
+        if alpha < 0:
+            raise ValueError(f"model.loss.alpha must be >= 0, got {alpha}")
+        self.alpha, self.detach_variance = alpha, detach_variance
+
+    def forward(self, embeddings: Tensor, cluster_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        losses, variance = magnet_loss_with_options(embeddings, cluster_ids, labels, self.alpha, self.detach_variance)
+        return losses.mean(), losses, variance

@@ -1,0 +1,190 @@
+"""What every embedding model shares: the network, optimizer set-up, and validation/test evaluation
+(magnet rule, k-NN, NMI, MAP@R, attribute concentration, t-SNE)."""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from src.data.cifar10 import CLASSES
+from src.models.components.cluster_index import ClusterState
+from src.models.components.magnet_loss import magnet_predict
+from src.utils import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingModule(pl.LightningModule):
+    uses_training_index = False  # does training need the cluster index rebuilt during fit?
+    uses_neighbourhood_sampler = False
+
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, num_classes: int = 10, clusters: dict | None = None,
+                 evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.net = net
+        self.num_classes = num_classes
+        clusters = dict(clusters or {})
+        self.K = int(clusters.get("K", 1))
+        self.M = int(clusters.get("M", 2))
+        self.D = int(clusters.get("D", 1))
+        self.L = int(clusters.get("L", 128))
+        self.random_clusters = int(clusters.get("random_clusters", 0))
+        if self.K < 1 or self.L < 1:
+            raise ValueError(f"model.clusters.K and L must be >= 1, got K={self.K}, L={self.L}")
+        self.evaluation = {"attribute_k": [10, 50, 100], "tsne_per_class": 100, "tsne": True, **(evaluation or {})}
+        self.attributes = dict(attributes or {})
+        self.warmup_epochs = int(warmup_epochs)
+        if self.warmup_epochs < 0:
+            raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.cluster_state = ClusterState()
+        self.train_reference: tuple[torch.Tensor, torch.Tensor] | None = None  # train embeddings for k-NN
+        self.output_dir: Path | None = None
+        self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
+        self.test_results: dict[str, float] = {}
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    # ---- model ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self):
+        opt = self.hparams.optimizer(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return opt
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        sched = self.hparams.scheduler(optimizer=opt, **kwargs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def check_finite(self, loss: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{what} became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                f"lower model.optimizer.lr or enable gradient clipping (trainer.gradient_clip_val=1.0)"
+            )
+
+    # ---- index-based evaluation ---------------------------------------------------------------
+    def eval_variance(self) -> float:
+        index = self.cluster_state.index
+        return index.variance if index is not None else float("nan")
+
+    def magnet_probabilities(self, emb: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """Magnet-rule class probabilities, using only the clusters of ``classes`` when given."""
+        index = self.cluster_state.index
+        centroids, labels = index.centroids, index.centroid_labels
+        if classes is not None:
+            keep = torch.isin(labels, torch.tensor(classes))
+            centroids, labels = centroids[keep], labels[keep]
+        var = self.eval_variance()
+        if not var > 0:
+            raise RuntimeError("no positive variance for the magnet rule; was the model trained?")
+        return magnet_predict(emb.cpu(), centroids, labels, var, self.num_classes, self.L)
+
+    def classifier_logits(self, emb: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    # ---- validation / test --------------------------------------------------------------------
+    def _eval_step(self, batch):
+        x, y, _ = batch
+        emb = self(x)
+        logits = self.classifier_logits(emb)
+        self._eval_outputs.append((emb.detach(), y.detach(), None if logits is None else logits.detach()))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def _gather_outputs(self):
+        emb = torch.cat([o[0] for o in self._eval_outputs])
+        y = torch.cat([o[1] for o in self._eval_outputs])
+        logits = None if self._eval_outputs[0][2] is None else torch.cat([o[2] for o in self._eval_outputs])
+        self._eval_outputs.clear()
+        if self.trainer.world_size > 1:
+            emb, y = gather_uneven(self, emb), gather_uneven(self, y)
+            logits = None if logits is None else gather_uneven(self, logits)
+        return emb.float().cpu(), y.cpu(), None if logits is None else logits.float().cpu()
+
+    def validation_accuracy(self, emb, y, logits) -> dict[str, float]:
+        out = {}
+        if logits is not None:
+            out["softmax_acc"] = M.accuracy(logits, y)
+        if self.cluster_state.index is not None and self.eval_variance() > 0:
+            out["magnet_acc"] = M.accuracy(self.magnet_probabilities(emb), y)
+        return out
+
+    def primary_val_metric(self, values: dict[str, float]) -> float:
+        return values.get("magnet_acc", values.get("softmax_acc", float("nan")))
+
+    def on_validation_epoch_end(self):
+        if not self._eval_outputs:
+            return
+        emb, y, logits = self._gather_outputs()
+        values = self.validation_accuracy(emb, y, logits)
+        values["acc"] = self.primary_val_metric(values)
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+
+    def on_test_epoch_end(self):
+        if not self._eval_outputs:
+            return
+        emb, y, logits = self._gather_outputs()
+        results = self.evaluate_embeddings(emb, y, logits)
+        self.test_results = results
+        self.log_dict({f"test/{k}": v for k, v in results.items() if math.isfinite(v)})
+        if self.evaluation.get("tsne") and self.trainer.is_global_zero and self.output_dir is not None:
+            self.save_tsne(emb, y)
+
+    def evaluate_embeddings(self, emb, y, logits) -> dict[str, float]:
+        results = {}
+        if logits is not None:
+            results["softmax_acc"] = M.accuracy(logits, y)
+        if self.cluster_state.index is not None:
+            results["magnet_acc"] = M.accuracy(self.magnet_probabilities(emb), y)
+            results["eval_variance"] = self.eval_variance()
+        if self.train_reference is not None:
+            results.update(M.retrieval_metrics(emb, y, *self.train_reference))
+        if self.attributes:
+            table = M.attribute_matrix(self.attributes, self.num_classes)
+            for k in self.evaluation["attribute_k"]:
+                results[f"attr_conc@{k}"] = M.attribute_concentration(emb, y, table, k)
+                results[f"attr_conc_xclass@{k}"] = M.attribute_concentration(emb, y, table, k, cross_class=True)
+        return results
+
+    def save_tsne(self, emb, y) -> Path | None:
+        from src.utils.plots import tsne_plot
+
+        pick = M.stratified_sample(y, int(self.evaluation["tsne_per_class"]), seed=0)
+        path = tsne_plot(emb[pick].numpy(), y[pick].numpy(), CLASSES, self.output_dir / "tsne.png",
+                         title=f"t-SNE of test embeddings ({type(self).__name__})")
+        for lg in self.loggers:
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="test/tsne", images=[str(path)])
+        return path
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cluster_state"] = self.cluster_state.state_dict()
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "cluster_state" in checkpoint:
+            self.cluster_state.load_state_dict(checkpoint["cluster_state"])
+
+
+def gather_uneven(module: pl.LightningModule, t: torch.Tensor) -> torch.Tensor:
+    """all_gather for per-rank tensors whose first dimension differs by rank."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = module.all_gather(n).flatten().tolist()
+    pad = max(sizes) - t.shape[0]
+    padded = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
+    gathered = module.all_gather(padded)  # [world, max, ...]
+    return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])

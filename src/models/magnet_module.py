@@ -1,0 +1,66 @@
+"""GoogLeNet trained with magnet loss on neighbourhood batches, with an optional cross-entropy warm-up."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from src.models.components.magnet_loss import MagnetLoss
+from src.models.embedding_module import EmbeddingModule
+
+
+class MagnetModule(EmbeddingModule):
+    uses_training_index = True
+    uses_neighbourhood_sampler = True
+
+    def __init__(self, *args, loss: MagnetLoss, variance_momentum: float = 0.9, eval_variance_source: str = "running",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0 <= variance_momentum < 1:
+            raise ValueError(f"model.variance_momentum must be in [0, 1), got {variance_momentum}")
+        if eval_variance_source not in ("running", "index"):
+            raise ValueError(f"model.eval_variance_source must be running or index, got {eval_variance_source!r}")
+        self.loss = loss
+        self.variance_momentum = variance_momentum
+        self.eval_variance_source = eval_variance_source
+        self.register_buffer("running_variance", torch.tensor(float("nan")))
+
+    def classifier_logits(self, emb):
+        # The warm-up classifier is only meaningful before magnet training starts.
+        return self.net.classifier(emb) if self.cluster_state.index is None else None
+
+    def eval_variance(self) -> float:
+        rv = float(self.running_variance)
+        if self.eval_variance_source == "running" and math.isfinite(rv) and rv > 0:
+            return rv
+        return super().eval_variance()
+
+    def in_warmup(self) -> bool:
+        return self.current_epoch < self.warmup_epochs or self.cluster_state.index is None
+
+    def training_step(self, batch, batch_idx):
+        x, y, pos = batch
+        emb = self(x)
+        if self.in_warmup():
+            loss = F.cross_entropy(self.net.classifier(emb), y)
+            self.check_finite(loss, "cross-entropy warm-up loss")
+            self.log("train/ce", loss, prog_bar=True)
+            return loss
+        cluster_ids = self.cluster_state.index.assignments[pos.cpu()].to(emb.device)
+        loss, per_example, variance = self.loss(emb, cluster_ids, y)
+        self.check_finite(loss, "magnet loss")
+        self.cluster_state.record_losses(pos, per_example)
+        self.update_running_variance(variance)
+        self.log_dict({"train/magnet": loss, "train/sigma2": variance.detach()}, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def update_running_variance(self, variance: torch.Tensor) -> None:
+        v = variance.detach().float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            v = self.trainer.strategy.reduce(v, reduce_op="mean")
+        if torch.isnan(self.running_variance):
+            self.running_variance.copy_(v)
+        else:
+            self.running_variance.mul_(self.variance_momentum).add_((1 - self.variance_momentum) * v)

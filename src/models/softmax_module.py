@@ -1,0 +1,22 @@
+"""Cross-entropy baseline: same trunk and head; the embedding is the penultimate layer."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from src.models.embedding_module import EmbeddingModule
+
+
+class SoftmaxModule(EmbeddingModule):
+    def classifier_logits(self, emb):
+        return self.net.classifier(emb)
+
+    def primary_val_metric(self, values):
+        return values["softmax_acc"]
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self.net.classifier(self(x))
+        loss = F.cross_entropy(logits, y)
+        self.check_finite(loss, "cross-entropy loss")
+        self.log("train/ce", loss, prog_bar=True)
+        return loss
