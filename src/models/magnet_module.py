@@ -15,8 +15,15 @@ class MagnetModule(EmbeddingModule):
     uses_neighbourhood_sampler = True
 
     def __init__(self, *args, loss: MagnetLoss, variance_momentum: float = 0.9, eval_variance_source: str = "running",
-                 **kwargs):
+                 bn_mode: str = "batch", **kwargs):
         super().__init__(*args, **kwargs)
+        if bn_mode not in ("batch", "frozen"):
+            raise ValueError(f"model.bn_mode must be batch or frozen, got {bn_mode!r}")
+        # "frozen": after warm-up, BatchNorm normalizes with running statistics that the re-clustering
+        # pass re-estimates on iid batches every epoch, instead of with the statistics of the
+        # neighbourhood batch. Neighbourhood batches hold a few similar classes, so batch statistics
+        # differ from test-time ones and features learnt under them do not transfer to evaluation.
+        self.bn_mode = bn_mode
         if not 0 <= variance_momentum < 1:
             raise ValueError(f"model.variance_momentum must be in [0, 1), got {variance_momentum}")
         if eval_variance_source not in ("running", "index"):
@@ -38,6 +45,12 @@ class MagnetModule(EmbeddingModule):
 
     def in_warmup(self) -> bool:
         return self.current_epoch < self.warmup_epochs or self.cluster_state.index is None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.bn_mode == "frozen" and not self.in_warmup():
+            for m in self.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def training_step(self, batch, batch_idx):
         x, y, pos = batch

@@ -1,0 +1,38 @@
+# `make install` then `make test` on a fresh machine; see README.md.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= data
+SHARED_DATA ?= ../shared/data
+
+.PHONY: install data test test-fast lint train bench clean
+
+install:  ## virtual environment with the project and its dev tools
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" ; test $${PIPESTATUS[0]:-0} -eq 0
+	$(BIN)/python -c "import torch, torchvision, pytorch_lightning, hydra, faiss; print('installed torch', torch.__version__)"
+
+data:  ## build CIFAR-10's python layout from the offline JPEG copy (no network needed)
+	@if [ -f $(DATA_DIR)/cifar-10-batches-py/test_batch ]; then echo "CIFAR-10 already built in $(DATA_DIR)"; \
+	elif [ -f $(SHARED_DATA)/build_cifar10.py ]; then $(BIN)/python $(SHARED_DATA)/build_cifar10.py $(DATA_DIR); \
+	else echo "no offline copy at $(SHARED_DATA); real-data tests will be skipped (or train with data.download=true)"; fi
+
+test: data  ## the whole suite (real-data tests skip with a reason when the data is absent)
+	$(BIN)/python -m pytest -q --durations=10
+
+test-fast:
+	$(BIN)/python -m pytest -q -x -m "not slow"
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+
+train:  ## the headline experiment
+	$(BIN)/python -m src.train experiment=magnet_cifar10
+
+bench:
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/magnet_speed.py
+
+clean:
+	rm -rf outputs .pytest_cache

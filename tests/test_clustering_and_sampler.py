@@ -1,0 +1,162 @@
+"""Per-class k-means index and the neighbourhood batch sampler's rules."""
+import logging
+
+import pytest
+import torch
+
+from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler, seed_probabilities
+from src.models.components.cluster_index import ClusterState, build_cluster_index
+
+
+def blobs(per_class=(40, 40, 40), dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+    centres = torch.randn(len(per_class), dim, generator=g) * 5
+    return centres[labels] + torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_k_clusters_per_class_single_label_no_empty():
+    emb, labels = blobs()
+    index = build_cluster_index(emb, labels, k=4, seed=0)
+    assert index.num_clusters == 12
+    assert torch.bincount(index.centroid_labels).tolist() == [4, 4, 4]
+    for c, members in enumerate(index.members):
+        assert len(members) > 0
+        assert torch.all(labels[members] == index.centroid_labels[c])
+        assert torch.allclose(index.centroids[c], emb[members].mean(0), atol=1e-5)
+    # variance: mean squared distance to the own centroid with the N-1 denominator
+    ref = sum(float(((emb[i] - index.centroids[index.assignments[i]]) ** 2).sum()) for i in range(len(emb))) / (len(emb) - 1)
+    assert index.variance == pytest.approx(ref, rel=1e-4)
+
+
+def test_small_class_gets_fewer_clusters_with_warning(caplog):
+    emb, labels = blobs(per_class=(40, 3, 1))
+    with caplog.at_level(logging.WARNING):
+        index = build_cluster_index(emb, labels, k=4, seed=0)
+    assert torch.bincount(index.centroid_labels).tolist() == [4, 3, 1]
+    assert "class 1 has only 3 training images" in caplog.text and "class 2 has only 1" in caplog.text
+    assert all(len(m) > 0 for m in index.members)
+
+
+def test_duplicate_points_never_leave_an_empty_cluster():
+    emb = torch.zeros(20, 3)
+    emb[10:] = 1.0
+    labels = torch.zeros(20, dtype=torch.long)
+    labels[10:] = 1
+    index = build_cluster_index(emb, labels, k=5, seed=0)
+    assert all(len(m) > 0 for m in index.members)
+    assert index.assignments.max() < index.num_clusters
+
+
+def test_clustering_is_deterministic_under_a_seed():
+    emb, labels = blobs(per_class=(200, 200), dim=8)
+    a = build_cluster_index(emb, labels, k=5, seed=3)
+    b = build_cluster_index(emb, labels, k=5, seed=3)
+    assert torch.equal(a.assignments, b.assignments) and torch.equal(a.centroids, b.centroids)
+
+
+def test_impostor_ranking_is_other_classes_nearest_first():
+    emb, labels = blobs()
+    index = build_cluster_index(emb, labels, k=3, seed=0)
+    for c in range(index.num_clusters):
+        row = index.impostor_ranking[c]
+        row = row[row >= 0]
+        assert len(row) == 6 and torch.all(index.centroid_labels[row] != index.centroid_labels[c])
+        d = ((index.centroids[row] - index.centroids[c]) ** 2).sum(1)
+        assert torch.all(d[1:] >= d[:-1] - 1e-5)
+
+
+def make_sampler(m=3, d=4, per_class=(40, 40, 40), k=3, random_clusters=0):
+    emb, labels = blobs(per_class)
+    state = ClusterState(len(labels))
+    state.index = build_cluster_index(emb, labels, k=k, seed=0)
+    return NeighbourhoodBatchSampler(state, len(labels), m, d, seed=0, random_clusters=random_clusters), state, labels
+
+
+def test_batches_hold_m_distinct_clusters_of_d_images_with_foreign_impostors():
+    sampler, state, labels = make_sampler(m=3, d=4)
+    index = state.index
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        clusters = sampler.choose_clusters(g)
+        assert len(set(clusters.tolist())) == 3
+        seed = clusters[0]
+        assert torch.all(index.centroid_labels[clusters[1:]] != index.centroid_labels[seed])
+        # impostors are the seed's nearest other-class clusters
+        ranking = index.impostor_ranking[seed]
+        assert clusters[1:].tolist() == ranking[:2].tolist()
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == -(-120 // 12)
+    for batch in batches:
+        assert len(batch) == 12
+        cids = index.assignments[batch].view(3, 4)
+        assert torch.all(cids == cids[:, :1])  # D consecutive images share a cluster
+        assert len(set(cids[:, 0].tolist())) == 3
+        for row in batch.view(3, 4):  # large clusters: D distinct images, no replacement
+            assert len(set(row.tolist())) == 4
+
+
+def test_small_clusters_are_sampled_with_replacement():
+    sampler, state, _ = make_sampler(m=2, d=10, per_class=(3, 3), k=1)
+    g = torch.Generator().manual_seed(0)
+    batch = sampler.sample_batch(g)
+    assert len(batch) == 20
+    for row in batch.view(2, 10):
+        assert len(set(row.tolist())) <= 3
+
+
+def test_random_clusters_replace_some_nearest_impostors():
+    sampler, state, _ = make_sampler(m=4, d=2, k=3, random_clusters=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        clusters = sampler.choose_clusters(g)
+        ranking = state.index.impostor_ranking[clusters[0]]
+        assert clusters[1] == ranking[0]  # one nearest
+        assert set(clusters[2:].tolist()) <= set(ranking[1:].tolist())  # the rest from the other impostors
+        assert len(set(clusters.tolist())) == 4
+
+
+def test_seed_cluster_drawn_in_proportion_to_loss():
+    sampler, state, labels = make_sampler(m=2, d=2, k=1)
+    state.example_losses[:] = float("nan")
+    state.example_losses[labels == 0] = 9.0
+    state.example_losses[labels == 1] = 1.0  # class 2 unmeasured -> mean of measured = 5
+    losses = state.cluster_losses()
+    assert losses.tolist() == pytest.approx([9.0, 1.0, 5.0])
+    probs = seed_probabilities(losses, floor=0.0)
+    assert probs.tolist() == pytest.approx([0.6, 1 / 15, 1 / 3])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.stack([sampler.choose_clusters(g)[0] for _ in range(3000)]), minlength=3)
+    assert abs(counts[0] / 3000 - 0.6) < 0.04 and abs(counts[1] / 3000 - 1 / 15) < 0.03
+
+
+def test_probability_floor_never_all_zero():
+    probs = seed_probabilities(torch.zeros(4))
+    assert torch.allclose(probs, torch.full((4,), 0.25))
+    probs = seed_probabilities(torch.tensor([0.0, 0.0, 2.0]))
+    assert torch.all(probs > 0) and probs.sum() == pytest.approx(1.0)
+
+
+def test_random_batches_before_the_first_index():
+    state = ClusterState(50)
+    sampler = NeighbourhoodBatchSampler(state, 50, m=2, d=5)
+    batches = list(sampler)
+    assert len(batches) == 5 and all(len(b) == 10 and len(set(b.tolist())) == 10 for b in batches)
+
+
+def test_ranks_draw_different_batches():
+    emb, labels = blobs()
+    state = ClusterState(len(labels))
+    state.index = build_cluster_index(emb, labels, k=3, seed=0)
+    a = list(NeighbourhoodBatchSampler(state, len(labels), 3, 4, rank=0, world_size=2))
+    b = list(NeighbourhoodBatchSampler(state, len(labels), 3, 4, rank=1, world_size=2))
+    assert len(a) == len(b) == 5
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kw, match", [({"m": 1}, "M must be >= 2"), ({"d": 0}, "D must be >= 1"),
+                                       ({"random_clusters": 3}, "random_clusters")])
+def test_invalid_sampler_settings(kw, match):
+    args = {"m": 3, "d": 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        NeighbourhoodBatchSampler(ClusterState(10), 10, **args)

@@ -1,0 +1,134 @@
+"""magnet_loss and magnet_predict against slow, obvious loops (paper eq. 5 and the magnet rule)."""
+import math
+
+import pytest
+import torch
+
+from src.models.components.magnet_loss import MagnetLoss, magnet_loss, magnet_predict
+
+
+def reference_magnet_loss(r, cluster_ids, labels, alpha):
+    r = r.double()
+    n = len(r)
+    clusters = sorted(set(cluster_ids.tolist()))
+    mean = {c: sum(r[i] for i in range(n) if cluster_ids[i] == c) / sum(1 for i in range(n) if cluster_ids[i] == c)
+            for c in clusters}
+    label_of = {int(cluster_ids[i]): int(labels[i]) for i in range(n)}
+    var = sum(float(((r[i] - mean[int(cluster_ids[i])]) ** 2).sum()) for i in range(n)) / (n - 1)
+    losses = []
+    for i in range(n):
+        own = float(((r[i] - mean[int(cluster_ids[i])]) ** 2).sum())
+        denom = sum(math.exp(-float(((r[i] - mean[c]) ** 2).sum()) / (2 * var))
+                    for c in clusters if label_of[c] != int(labels[i]))
+        losses.append(max(0.0, own / (2 * var) + alpha + math.log(denom)))
+    return torch.tensor(losses, dtype=torch.float64), var
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 4.0])
+def test_matches_reference(seed, alpha):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    cluster_ids = torch.tensor([7, 7, 7, 2, 2, 2, 40, 40, 9, 9, 9, 9])  # arbitrary ids, uneven sizes
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2])     # class 0 has two clusters
+    losses, var = magnet_loss(r, cluster_ids, labels, alpha=alpha)
+    ref, ref_var = reference_magnet_loss(r, cluster_ids, labels, alpha)
+    assert losses.shape == (12,)
+    assert torch.allclose(losses, ref, atol=1e-9)
+    assert float(var) == pytest.approx(ref_var, rel=1e-12)
+
+
+def test_inactive_and_active_hinge():
+    # Two tight clusters far apart: every example is well inside its own cluster -> loss exactly 0.
+    r = torch.tensor([[0.0, 0.1], [0.0, -0.1], [3.0, 0.1], [3.0, -0.1]], dtype=torch.float64)
+    ids, labels = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1])
+    losses, _ = magnet_loss(r, ids, labels, alpha=1.0)
+    assert torch.all(losses == 0)
+    ref, _ = reference_magnet_loss(r, ids, labels, 1.0)
+    assert torch.equal(losses, ref.to(losses.dtype))
+    # Overlapping clusters: the hinge is active and matches the reference.
+    r2 = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.5, 1.0], [0.5, -1.0]], dtype=torch.float64)
+    losses2, _ = magnet_loss(r2, ids, labels, alpha=1.0)
+    ref2, _ = reference_magnet_loss(r2, ids, labels, 1.0)
+    assert torch.all(losses2 > 0) and torch.allclose(losses2, ref2)
+
+
+def test_far_impostors_do_not_underflow():
+    # exp(-d/2var) underflows to 0 for all impostors in a naive implementation -> log(0) = -inf.
+    r = torch.tensor([[0.0], [0.001], [1e4], [1e4 + 0.001]], dtype=torch.float32)
+    losses, _ = magnet_loss(r, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]), alpha=1.0)
+    assert torch.all(torch.isfinite(losses)) and torch.all(losses == 0)
+
+
+def test_gradients_flow_and_are_finite():
+    r = torch.randn(8, 4, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    losses, _ = magnet_loss(r, ids, ids // 2 * 0 + ids % 2 + ids // 2 * 2, alpha=1.0)
+    losses.mean().backward()
+    assert torch.all(torch.isfinite(r.grad)) and r.grad.abs().sum() > 0
+
+
+def test_detached_variance_changes_gradient_not_value():
+    r = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    a_mean, a_losses, a_var = MagnetLoss(1.0, detach_variance=False)(r, ids, labels)
+    b_mean, b_losses, b_var = MagnetLoss(1.0, detach_variance=True)(r, ids, labels)
+    assert torch.allclose(a_losses, b_losses) and torch.equal(a_var, b_var)
+    ga, = torch.autograd.grad(a_mean, r)
+    gb, = torch.autograd.grad(b_mean, r)
+    assert not torch.allclose(ga, gb)
+
+
+def test_mixed_label_cluster_is_rejected():
+    with pytest.raises(ValueError, match="single label"):
+        magnet_loss(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]))
+
+
+def test_batch_without_impostor_cluster_is_rejected():
+    with pytest.raises(ValueError, match="cluster of another class"):
+        magnet_loss(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), torch.tensor([3, 3, 3, 3]))
+
+
+def test_negative_alpha_is_rejected():
+    with pytest.raises(ValueError, match="alpha"):
+        MagnetLoss(alpha=-1)
+
+
+def reference_predict(r, centroids, centroid_labels, var, num_classes, L):
+    out = torch.zeros(len(r), num_classes, dtype=torch.float64)
+    for q in range(len(r)):
+        d = [float(((r[q] - c) ** 2).sum()) for c in centroids]
+        nearest = sorted(range(len(d)), key=lambda i: d[i])[:L]
+        w = {i: math.exp(-d[i] / (2 * var)) for i in nearest}
+        total = sum(w.values())
+        for i in nearest:
+            out[q, int(centroid_labels[i])] += w[i] / total
+    return out
+
+
+@pytest.mark.parametrize("L", [1, 2, 4, 100])
+def test_predict_matches_reference(L):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    centroids = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    centroid_labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    probs = magnet_predict(r, centroids, centroid_labels, variance=0.7, num_classes=5, L=L)
+    ref = reference_predict(r, centroids, centroid_labels, 0.7, 5, L)
+    assert probs.shape == (7, 5)
+    assert torch.allclose(probs.double(), ref, atol=1e-5)
+    assert torch.allclose(probs.sum(1), torch.ones(7, dtype=probs.dtype), atol=1e-5)
+    assert torch.all(probs[:, 4] == 0)  # a class with no centroid never gets probability
+
+
+def test_predict_survives_tiny_variance():
+    probs = magnet_predict(torch.tensor([[0.0], [9.0]]), torch.tensor([[1.0], [10.0]]), torch.tensor([0, 1]),
+                           variance=1e-6, num_classes=2, L=2)
+    assert torch.all(torch.isfinite(probs))
+    assert probs.argmax(1).tolist() == [0, 1]
+
+
+def test_predict_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="variance"):
+        magnet_predict(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 0.0, 2, 1)
+    with pytest.raises(ValueError, match="L must be"):
+        magnet_predict(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 1.0, 2, 0)

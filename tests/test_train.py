@@ -1,0 +1,137 @@
+"""Composition of every experiment and end-to-end fast_dev_run / short runs through src.train."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.utils.instantiate import PROJECT_ROOT
+from tests.conftest import REAL_DATA_DIR, needs_real_data
+
+EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
+FAST = ["data=fake", "data.subset_size=null", "logger=csv", "callbacks.rich_progress_bar=null", "model.evaluation.tsne_per_class=5"]
+
+
+def test_experiments_exist():
+    assert {"magnet_cifar10", "softmax_cifar10", "triplet_cifar10"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(make_cfg, experiment):
+    import hydra
+
+    cfg = make_cfg(f"experiment={experiment}", "data=fake")
+    assert cfg.trainer.max_epochs >= 1
+    model = hydra.utils.instantiate(cfg.model)
+    dm = hydra.utils.instantiate(cfg.data)
+    assert model.num_classes == dm.num_classes == 10
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_experiment(make_cfg, experiment):
+    from src.train import train
+
+    cfg = make_cfg(f"experiment={experiment}", "debug=fdr", *FAST)
+    results = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / "results.json").read_text())
+    assert (out / "config_resolved.yaml").is_file()
+    if "test/magnet_acc" in saved:  # continual runs report their own keys
+        assert 0 <= saved["test/magnet_acc"] <= 1 and 0 <= saved["test/knn_acc"] <= 1
+        assert "test/attr_conc@10" in saved and (out / "tsne.png").is_file()
+    assert saved["seed"] == results["seed"]
+
+
+def test_default_command_with_fdr(make_cfg):
+    from src.train import train
+
+    cfg = make_cfg("debug=fdr", *FAST)
+    train(cfg)
+    assert (Path(cfg.paths.output_dir) / "results.json").is_file()
+
+
+def short_run(make_cfg, *extra):
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1",
+                   "model.clusters.K=2", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false",
+                   *extra)
+    return train(cfg), cfg
+
+
+def test_magnet_run_learns_on_fake_data_and_selects_on_validation(make_cfg):
+    results, cfg = short_run(make_cfg)
+    assert results["test/magnet_acc"] > 0.3  # chance is 0.1
+    assert results["best_checkpoint"] and "checkpoints" in results["best_checkpoint"]
+    ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert "cluster_state" in ckpt and "config" in ckpt and "running_variance" in str(ckpt["state_dict"].keys())
+
+
+def test_same_seed_same_metrics(make_cfg, tmp_path):
+    from src.train import train
+    from tests.conftest import compose
+
+    args = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2",
+            "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false", "seed=7"]
+    a = train(compose(args, tmp_path / "a"))
+    b = train(compose(args, tmp_path / "b"))
+    keys = [k for k in a if k.startswith("test/")]
+    assert keys and all(a[k] == b[k] for k in keys), {k: (a[k], b[k]) for k in keys}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.clusters.M=1", "M must be >= 2"),
+    ("model.clusters.K=0", "K and L must be >= 1"),
+    ("model.loss.alpha=-1", "alpha must be >= 0"),
+    ("model.bn_mode=weird", "bn_mode"),
+    ("data.classes_per_increment=3", "classes_per_increment must divide"),
+])
+def test_invalid_hyperparameters_fail_with_one_clear_line(make_cfg, override, match):
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", *FAST, override)
+    with pytest.raises(Exception, match=match) as e:
+        train(cfg)
+    root = e.value
+    while root.__cause__ is not None:
+        root = root.__cause__
+    assert "\n" not in str(root)
+
+
+def test_nan_loss_stops_with_a_clear_error(make_cfg, monkeypatch):
+    from src.models.components import magnet_loss as ml
+    from src.train import train
+
+    original = ml.MagnetLoss.forward
+
+    def poisoned(self, *a):
+        mean, losses, var = original(self, *a)
+        return mean * float("nan"), losses, var
+
+    monkeypatch.setattr(ml.MagnetLoss, "forward", poisoned)
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", *FAST)
+    with pytest.raises(FloatingPointError, match="magnet loss became nan.*lower model.optimizer.lr"):
+        train(cfg)
+
+
+def test_missing_data_folder_fails_clearly(make_cfg, tmp_path):
+    from src.data.cifar10 import DataError
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", f"data.data_dir={tmp_path / 'nothing'}")
+    with pytest.raises(DataError, match="does not exist.*build_cifar10.py"):
+        train(cfg)
+
+
+@needs_real_data
+def test_real_data_smoke(make_cfg):
+    """Tiny budget on the built JPEG copy of CIFAR-10: trains, tests, writes results.json."""
+    from src.train import train
+
+    cfg = make_cfg(f"data.data_dir={REAL_DATA_DIR}", "trainer.max_epochs=1", "data.subset_size=1000",
+                   "data.val_size=200", "trainer.limit_train_batches=5", "model.evaluation.tsne=false",
+                   "callbacks.rich_progress_bar=null")
+    results = train(cfg)
+    saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert saved["test/magnet_acc"] == results["test/magnet_acc"]
+    assert 0 <= saved["test/magnet_acc"] <= 1
