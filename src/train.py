@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def build(cfg: DictConfig):
     """Data, model, callbacks, loggers and trainer, all from config."""
-    apply_accelerator_defaults(cfg)
+    apply_accelerator_defaults(cfg.trainer, cfg.model)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)

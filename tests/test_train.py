@@ -135,3 +135,16 @@ def test_real_data_smoke(make_cfg):
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert saved["test/magnet_acc"] == results["test/magnet_acc"]
     assert 0 <= saved["test/magnet_acc"] <= 1
+
+
+def test_eval_reproduces_test_metrics_from_a_checkpoint(make_cfg, tmp_path):
+    from src.eval import evaluate
+    from tests.conftest import compose
+
+    results, cfg = short_run(make_cfg)
+    ev_cfg = compose([f"ckpt_path={results['best_checkpoint']}", "trainer.accelerator=cpu"], tmp_path / "eval",
+                     config_name="eval.yaml")
+    ev = evaluate(ev_cfg)
+    assert (tmp_path / "eval" / "results.json").is_file()
+    for key in ("test/magnet_acc", "test/knn_acc", "test/nmi", "test/map_at_r"):
+        assert ev[key] == pytest.approx(results[key], abs=1e-6), key

@@ -105,8 +105,9 @@ class ReclusterCallback(Callback):
         emb = emb.cpu()
         index = None
         if trainer.is_global_zero:
-            index = build_cluster_index(emb, labels, pl_module.K, seed=self.seed + trainer.current_epoch,
-                                        niter=self.kmeans_iters)
+            # Test-time indices use the bare seed, so src.eval on a checkpoint rebuilds the same index.
+            seed = self.seed if keep_reference else self.seed + trainer.current_epoch
+            index = build_cluster_index(emb, labels, pl_module.K, seed=seed, niter=self.kmeans_iters)
         if trainer.world_size > 1:
             index = trainer.strategy.broadcast(index, src=0)  # one clustering, identical on every rank
         pl_module.cluster_state.index = index

@@ -25,15 +25,15 @@ def instantiate_group(cfg: DictConfig | None) -> list:
     return out
 
 
-def apply_accelerator_defaults(cfg: DictConfig) -> None:
-    """On a GPU: bf16 mixed precision and channels_last unless the user chose otherwise."""
-    accel = str(cfg.trainer.get("accelerator", "cpu"))
-    on_gpu = accel in ("gpu", "cuda")
-    with open_dict(cfg):
-        if cfg.trainer.get("precision") in (None, "auto"):
-            cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
-        net = cfg.model.get("net")
-        if net is not None and net.get("channels_last") in (None, "auto"):
+def apply_accelerator_defaults(trainer_cfg: DictConfig, model_cfg: DictConfig | None = None) -> None:
+    """On a GPU: bf16 mixed precision and channels_last, where the config leaves them on ``auto``."""
+    on_gpu = str(trainer_cfg.get("accelerator", "cpu")) in ("gpu", "cuda")
+    with open_dict(trainer_cfg):
+        if trainer_cfg.get("precision") in (None, "auto"):
+            trainer_cfg.precision = "bf16-mixed" if on_gpu else "32-true"
+    net = None if model_cfg is None else model_cfg.get("net")
+    if net is not None and net.get("channels_last") in (None, "auto"):
+        with open_dict(net):
             net.channels_last = on_gpu
 
 
