@@ -107,7 +107,8 @@ class ReclusterCallback(Callback):
         if trainer.is_global_zero:
             # Test-time indices use the bare seed, so src.eval on a checkpoint rebuilds the same index.
             seed = self.seed if keep_reference else self.seed + trainer.current_epoch
-            index = build_cluster_index(emb, labels, pl_module.K, seed=seed, niter=self.kmeans_iters)
+            k = pl_module.clusters_per_class(None if keep_reference else trainer.current_epoch)
+            index = build_cluster_index(emb, labels, k, seed=seed, niter=self.kmeans_iters)
         if trainer.world_size > 1:
             index = trainer.strategy.broadcast(index, src=0)  # one clustering, identical on every rank
         pl_module.cluster_state.index = index

@@ -31,12 +31,17 @@ class EmbeddingModule(pl.LightningModule):
         self.num_classes = num_classes
         clusters = dict(clusters or {})
         self.K = int(clusters.get("K", 1))
+        # Optional K schedule (not in the paper): K_initial clusters per class until split_epoch, then K.
+        self.K_initial = int(clusters.get("K_initial") or self.K)
+        self.split_epoch = clusters.get("split_epoch")
         self.M = int(clusters.get("M", 2))
         self.D = int(clusters.get("D", 1))
         self.L = int(clusters.get("L", 128))
         self.random_clusters = int(clusters.get("random_clusters", 0))
-        if self.K < 1 or self.L < 1:
+        if self.K < 1 or self.L < 1 or self.K_initial < 1:
             raise ValueError(f"model.clusters.K and L must be >= 1, got K={self.K}, L={self.L}")
+        if self.split_epoch is not None and int(self.split_epoch) < 0:
+            raise ValueError(f"model.clusters.split_epoch must be null or >= 0, got {self.split_epoch}")
         self.evaluation = {"attribute_k": [10, 50, 100], "tsne_per_class": 100, "tsne": True, **(evaluation or {})}
         self.attributes = dict(attributes or {})
         self.warmup_epochs = int(warmup_epochs)
@@ -44,10 +49,21 @@ class EmbeddingModule(pl.LightningModule):
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         self.cluster_state = ClusterState()
         self.train_reference: tuple[torch.Tensor, torch.Tensor] | None = None  # train embeddings for k-NN
+        self.strategy = None  # a continual strategy (src/continual/strategies), when one drives training
         self.output_dir: Path | None = None
         self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
         self.test_results: dict[str, float] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def clusters_per_class(self, epoch: int | None) -> int:
+        """K for training epoch ``epoch``; ``None`` (testing, evaluation) means the final K."""
+        if epoch is None or self.split_epoch is None or epoch >= int(self.split_epoch):
+            return self.K
+        return self.K_initial
+
+    def selection_start_epoch(self) -> int:
+        """First epoch whose checkpoint may be selected: the method must be in its final form."""
+        return max(self.warmup_epochs, int(self.split_epoch or 0))
 
     # ---- model ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +146,8 @@ class EmbeddingModule(pl.LightningModule):
         emb, y, logits = self._gather_outputs()
         values = self.validation_accuracy(emb, y, logits)
         values["acc"] = self.primary_val_metric(values)
+        if self.trainer.state.fn == "fit" and self.current_epoch < self.selection_start_epoch():
+            values["acc"] = 0.0  # never select a warm-up or pre-split checkpoint
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
 
     def on_test_epoch_end(self):

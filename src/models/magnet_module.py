@@ -59,13 +59,21 @@ class MagnetModule(EmbeddingModule):
             loss = F.cross_entropy(self.net.classifier(emb), y)
             self.check_finite(loss, "cross-entropy warm-up loss")
             self.log("train/ce", loss, prog_bar=True)
-            return loss
+            return self.observe(batch, emb, loss)
         cluster_ids = self.cluster_state.index.assignments[pos.cpu()].to(emb.device)
         loss, per_example, variance = self.loss(emb, cluster_ids, y)
         self.check_finite(loss, "magnet loss")
         self.cluster_state.record_losses(pos, per_example)
         self.update_running_variance(variance)
         self.log_dict({"train/magnet": loss, "train/sigma2": variance.detach()}, prog_bar=True)
+        return self.observe(batch, emb, loss)
+
+    def observe(self, batch, emb, loss):
+        """A continual strategy may add to the loss (e.g. distillation)."""
+        if self.strategy is None:
+            return loss
+        loss = self.strategy.observe(self, batch, emb, loss)
+        self.check_finite(loss, "strategy-adjusted loss")
         return loss
 
     @torch.no_grad()

@@ -1,0 +1,52 @@
+"""A continual strategy is one class with three hooks (mammoth style):
+
+- ``begin_task(t, module, datamodule)``: before training increment t (set memory, snapshot teachers);
+- ``observe(module, batch, embeddings, loss)``: in each training step; returns the loss to optimize;
+- ``end_task(t, module, datamodule)``: after training increment t (update memory, compensate drift).
+
+``eval_centroids`` decides which cluster centroids classify each seen class after an increment."""
+from __future__ import annotations
+
+import torch
+
+
+class Strategy:
+    name = "base"
+    cumulative = False  # train on every seen class's data (the joint upper bound)
+
+    def __init__(self, **kwargs):
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown settings {sorted(kwargs)}")
+        self.stored_centroids: dict[int, torch.Tensor] = {}  # class -> [k, E], as last trained
+
+    def begin_task(self, t: int, module, datamodule) -> None:
+        datamodule.cumulative = self.cumulative
+
+    def observe(self, module, batch, embeddings: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def end_task(self, t: int, module, datamodule) -> None:
+        """Remember the centroids of the classes this increment introduced, computed on all their data."""
+        index = module.cluster_state.index
+        for c in datamodule.classes_of_increment(t):
+            self.stored_centroids[c] = index.centroids[index.centroid_labels == c].clone()
+
+    def eval_centroids(self, seen_classes: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centroids and their labels for the magnet rule over ``seen_classes``: the current index for
+        classes it holds (fresh), the centroids stored when last trained for the others (stale)."""
+        index = module.cluster_state.index
+        cents, labels = [], []
+        for c in seen_classes:
+            fresh = index.centroid_labels == c
+            cent = index.centroids[fresh] if fresh.any() else self.stored_centroids.get(c)
+            if cent is None:
+                continue
+            cents.append(cent)
+            labels.append(torch.full((len(cent),), c, dtype=torch.long))
+        return torch.cat(cents), torch.cat(labels)
+
+    def state_dict(self) -> dict:
+        return {"stored_centroids": self.stored_centroids}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stored_centroids = state["stored_centroids"]

@@ -1,0 +1,79 @@
+"""A class-balanced exemplar memory of fixed total size, chosen by herding in embedding space (or at
+random). Memory images join the training set, so they are clustered with the new data and their
+clusters act as impostors in the neighbourhood batches."""
+from __future__ import annotations
+
+import torch
+
+from src.callbacks.recluster import embed_images
+from src.continual.strategies.base import Strategy
+
+
+def herding(emb: torch.Tensor, m: int) -> torch.Tensor:
+    """iCaRL herding: greedily pick points whose running mean stays closest to the class mean.
+    Returns positions in selection order, so any prefix is itself a herded memory."""
+    mu = emb.mean(0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(len(emb), dtype=torch.bool)
+    for k in range(1, min(m, len(emb)) + 1):
+        candidate = (running[None] + emb) / k
+        dist = (candidate - mu[None]).pow(2).sum(1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += emb[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+class Replay(Strategy):
+    name = "replay"
+
+    def __init__(self, buffer_size: int = 500, selection: str = "herding", **kwargs):
+        super().__init__(**kwargs)
+        if buffer_size < 0:
+            raise ValueError(f"strategy.buffer_size must be >= 0, got {buffer_size}")
+        if selection not in ("herding", "random"):
+            raise ValueError(f"strategy.selection must be herding or random, got {selection!r}")
+        self.buffer_size, self.selection = buffer_size, selection
+        self.memory: dict[int, torch.Tensor] = {}  # class -> indices into the CIFAR train array, best first
+        self.generator = torch.Generator().manual_seed(0)
+
+    def begin_task(self, t, module, datamodule):
+        super().begin_task(t, module, datamodule)
+        datamodule.memory_indices = self.memory_indices()
+
+    def memory_indices(self) -> torch.Tensor:
+        if not self.memory:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([self.memory[c] for c in sorted(self.memory)])
+
+    def per_class(self, num_classes: int) -> int:
+        return self.buffer_size // max(num_classes, 1)
+
+    def end_task(self, t, module, datamodule):
+        super().end_task(t, module, datamodule)
+        new_classes = datamodule.classes_of_increment(t)
+        m = self.per_class(len(self.memory) + len(new_classes))
+        for c in list(self.memory):  # shrink old classes: herding order means a prefix is still herded
+            self.memory[c] = self.memory[c][:m]
+        raw_y = datamodule.load_raw()["train_y"] if datamodule._raw is None else datamodule._raw["train_y"]
+        for c in new_classes:
+            pool = datamodule.train_pool[raw_y[datamodule.train_pool] == c]
+            if self.selection == "random":
+                pick = torch.randperm(len(pool), generator=self.generator)[:m]
+            else:
+                images, _ = datamodule.pool_arrays(pool)
+                emb = embed_images(module, datamodule, images).cpu()
+                pick = herding(emb, m)
+            self.memory[c] = pool[pick]
+        datamodule.memory_indices = self.memory_indices()
+
+    def state_dict(self):
+        return {**super().state_dict(), "memory": self.memory, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.memory = state["memory"]
+        self.generator.set_state(state["generator"])
