@@ -37,7 +37,7 @@ def main() -> None:
     start = time.perf_counter()
     for epoch in range(args.epochs):
         loader.batch_sampler.set_epoch(epoch)
-        for x, y, idx in loader:
+        for x, _y, _idx in loader:
             out = dm.transform(x, train=True)
             n += len(out)
     seconds = time.perf_counter() - start

@@ -1,6 +1,5 @@
 """Continual learning: strategies on fake data, exemplar memory, Class-IL/Task-IL masks, resume."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +143,23 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
     resumed = run(tmp_path, "resumed", *args)
     np.testing.assert_allclose(np.array(resumed["class_il"]["R"], dtype=float),
                                np.array(full["class_il"]["R"], dtype=float), rtol=0, atol=1e-6)
+
+
+def test_compare_draws_one_figure_and_one_table(tmp_path):
+    from src.compare import main
+
+    runs = []
+    for i, (name, last) in enumerate([("Naive", 0.2), ("MagnetMemory", 0.6), ("MagnetMemory", 0.5)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        R = [[0.9, None], [last, 0.8]]
+        summary = {"R": R, "average_accuracy": (last + 0.8) / 2, "average_incremental_accuracy": 0.8,
+                   "forgetting": 0.9 - last, "backward_transfer": last - 0.9}
+        (d / "results.json").write_text(json.dumps({
+            "strategy": f"src.continual.strategies.x.{name}", "class_il": summary, "task_il": summary,
+            "table": [{"accuracy_seen": 0.9}, {"accuracy_seen": (last + 0.8) / 2}], "time/total_s": 10.0}))
+        runs.append(str(d))
+    md = main([*runs, "--out", str(tmp_path / "cmp")])
+    assert "| Naive | 1 | 50.0 |" in md
+    assert "| MagnetMemory | 2 | 67.5 ± 3.5 |" in md
+    assert (tmp_path / "cmp.png").stat().st_size > 1000 and (tmp_path / "cmp.md").read_text() == md

@@ -1,8 +1,10 @@
 """Rebuilds the magnet cluster index from the training embeddings with FAISS k-means."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -44,6 +46,13 @@ def embed_images(module: pl.LightningModule, datamodule, images: torch.Tensor, b
         bn.momentum = mom
     module.train(was_training)
     return torch.cat(out) if out else torch.empty(0, getattr(module.net, "embedding_dim", 0), device=module.device)
+
+
+def index_digest(index: ClusterIndex) -> str:
+    h = hashlib.sha256()
+    for t in (index.centroids, index.centroid_labels, index.assignments):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class ReclusterCallback(Callback):
@@ -112,6 +121,13 @@ class ReclusterCallback(Callback):
         if trainer.world_size > 1:
             index = trainer.strategy.broadcast(index, src=0)  # one clustering, identical on every rank
         pl_module.cluster_state.index = index
+        if trainer.world_size > 1 and getattr(pl_module, "output_dir", None) is not None:
+            # lets anyone (and the DDP test) check that every rank holds the same index
+            digest = index_digest(index)
+            path = Path(pl_module.output_dir) / f"index_digest_rank{trainer.global_rank}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(f"{trainer.current_epoch} {digest}\n")
         if keep_reference:
             pl_module.train_reference = (emb, labels.clone())
         self.last_seconds = time.perf_counter() - start

@@ -13,6 +13,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
+def wandb_offline() -> bool:
+    """Offline unless the user configured wandb for online use."""
+    return not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() == "online")
+
+
+if not OmegaConf.has_resolver("wandb_offline"):
+    OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+
+
 def instantiate_group(cfg: DictConfig | None) -> list:
     """Instantiate every entry of a config group that has a ``_target_`` (callbacks, loggers)."""
     out = []

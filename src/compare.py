@@ -1,0 +1,71 @@
+"""Compare continual-learning runs: one figure with every run's Class-IL curve, one markdown table.
+
+    python -m src.compare outputs/train/runs/continual_5x2/* [--out comparison] [--label-by strategy]
+
+Runs of the same strategy (e.g. several seeds) are aggregated as mean ± std."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from src.utils.io import atomic_write_text
+from src.utils.plots import accuracy_curve
+
+
+def load_runs(dirs: list[str]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            print(f"skipping {d}: no results.json")
+            continue
+        r = json.loads(path.read_text())
+        if "class_il" not in r:
+            print(f"skipping {d}: not a continual run")
+            continue
+        groups[str(r.get("strategy", "?")).rsplit(".", 1)[-1]].append(r)
+    return groups
+
+
+def fmt(values: list[float], pct: bool = True) -> str:
+    scale = 100 if pct else 1
+    v = np.array(values, dtype=float) * scale
+    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def table(groups: dict[str, list[dict]]) -> str:
+    lines = ["| strategy | runs | final Class-IL acc (%) | avg incremental acc (%) | forgetting (pts) | BWT (pts) | "
+             "final Task-IL acc (%) | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        cil = [r["class_il"] for r in runs]
+        lines.append(
+            f"| {name} | {len(runs)} | {fmt([c['average_accuracy'] for c in cil])} | "
+            f"{fmt([c['average_incremental_accuracy'] for c in cil])} | {fmt([c['forgetting'] for c in cil])} | "
+            f"{fmt([c['backward_transfer'] for c in cil])} | {fmt([r['task_il']['average_accuracy'] for r in runs])} | "
+            f"{fmt([r['time/total_s'] for r in runs], pct=False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders holding results.json")
+    ap.add_argument("--out", default="comparison", help="writes OUT.md and OUT.png")
+    args = ap.parse_args(argv)
+    groups = load_runs(args.runs)
+    if not groups:
+        raise SystemExit("no continual-learning results.json found in the given folders")
+    md = table(groups)
+    curves = {name: list(np.mean([[row["accuracy_seen"] for row in r["table"]] for r in runs], axis=0))
+              for name, runs in groups.items()}
+    accuracy_curve(curves, f"{args.out}.png")
+    atomic_write_text(f"{args.out}.md", md)
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()
