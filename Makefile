@@ -1,4 +1,5 @@
 # `make install` then `make test` on a fresh machine; see README.md.
+SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,8 +10,8 @@ SHARED_DATA ?= ../shared/data
 
 install:  ## virtual environment with the project and its dev tools
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" ; test $${PIPESTATUS[0]:-0} -eq 0
+	# (pip's warnings about local index folders it cannot read are noise on machines without them)
+	set -o pipefail; $(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, torchvision, pytorch_lightning, hydra, faiss; print('installed torch', torch.__version__)"
 
 data:  ## build CIFAR-10's python layout from the offline JPEG copy (no network needed)

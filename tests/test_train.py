@@ -54,7 +54,8 @@ def short_run(make_cfg, *extra):
     from src.train import train
 
     cfg = make_cfg("experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1",
-                   "model.clusters.K=2", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false",
+                   "model.clusters.K=2", "model.clusters.split_epoch=null", "model.clusters.M=4", "model.clusters.D=4",
+                   "model.evaluation.tsne=false",
                    *extra)
     return train(cfg), cfg
 
@@ -72,6 +73,7 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     from tests.conftest import compose
 
     args = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2",
+            "model.clusters.split_epoch=null",
             "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false", "seed=7"]
     a = train(compose(args, tmp_path / "a"))
     b = train(compose(args, tmp_path / "b"))
@@ -148,3 +150,16 @@ def test_eval_reproduces_test_metrics_from_a_checkpoint(make_cfg, tmp_path):
     assert (tmp_path / "eval" / "results.json").is_file()
     for key in ("test/magnet_acc", "test/knn_acc", "test/nmi", "test/map_at_r"):
         assert ev[key] == pytest.approx(results[key], abs=1e-6), key
+
+
+def test_k_schedule_and_checkpoint_selection_window(make_cfg):
+    import hydra
+
+    cfg = make_cfg("experiment=magnet_cifar10", "model.clusters.K=4", "model.clusters.K_initial=1",
+                   "model.clusters.split_epoch=7", "model.warmup_epochs=3")
+    model = hydra.utils.instantiate(cfg.model)
+    assert [model.clusters_per_class(e) for e in (0, 6, 7, 30)] == [1, 1, 4, 4]
+    assert model.clusters_per_class(None) == 4  # testing and src.eval use the final K
+    assert model.selection_start_epoch() == 7
+    no_schedule = hydra.utils.instantiate(make_cfg("model.clusters.K=3", "model.clusters.split_epoch=null").model)
+    assert no_schedule.clusters_per_class(0) == 3 and no_schedule.selection_start_epoch() == no_schedule.warmup_epochs

@@ -61,7 +61,7 @@ class MagnetModule(EmbeddingModule):
             self.log("train/ce", loss, prog_bar=True)
             return self.observe(batch, emb, loss)
         cluster_ids = self.cluster_state.index.assignments[pos.cpu()].to(emb.device)
-        loss, per_example, variance = self.loss(emb, cluster_ids, y)
+        loss, per_example, variance = self.loss(emb.float(), cluster_ids, y)  # fp32 even under bf16 autocast
         self.check_finite(loss, "magnet loss")
         self.cluster_state.record_losses(pos, per_example)
         self.update_running_variance(variance)
