@@ -54,6 +54,8 @@ class Replay(Strategy):
 
     def end_task(self, t, module, datamodule):
         super().end_task(t, module, datamodule)
+        if self.buffer_size == 0:  # e.g. distillation alone
+            return
         new_classes = datamodule.classes_of_increment(t)
         m = self.per_class(len(self.memory) + len(new_classes))
         for c in list(self.memory):  # shrink old classes: herding order means a prefix is still herded
