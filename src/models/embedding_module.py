@@ -26,7 +26,7 @@ class EmbeddingModule(pl.LightningModule):
     def __init__(self, net: nn.Module, optimizer, scheduler=None, num_classes: int = 10, clusters: dict | None = None,
                  evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int = 0):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.save_hyperparameters(ignore=["net", "loss"], logger=False)
         self.net = net
         self.num_classes = num_classes
         clusters = dict(clusters or {})
