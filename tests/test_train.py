@@ -50,18 +50,21 @@ def test_default_command_with_fdr(make_cfg):
     assert (Path(cfg.paths.output_dir) / "results.json").is_file()
 
 
-def short_run(make_cfg, *extra):
+SHORT = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
+         "model.clusters.split_epoch=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One short magnet run on fake data, shared by the tests that inspect its outputs."""
     from src.train import train
+    from tests.conftest import compose
 
-    cfg = make_cfg("experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1",
-                   "model.clusters.K=2", "model.clusters.split_epoch=null", "model.clusters.M=4", "model.clusters.D=4",
-                   "model.evaluation.tsne=false",
-                   *extra)
-    return train(cfg), cfg
+    return train(compose(SHORT, tmp_path_factory.mktemp("short") / "run"))
 
 
-def test_magnet_run_learns_on_fake_data_and_selects_on_validation(make_cfg):
-    results, cfg = short_run(make_cfg)
+def test_magnet_run_learns_on_fake_data_and_selects_on_validation(short_run):
+    results = short_run
     assert results["test/magnet_acc"] > 0.3  # chance is 0.1
     assert results["best_checkpoint"] and "checkpoints" in results["best_checkpoint"]
     ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
@@ -139,11 +142,11 @@ def test_real_data_smoke(make_cfg):
     assert 0 <= saved["test/magnet_acc"] <= 1
 
 
-def test_eval_reproduces_test_metrics_from_a_checkpoint(make_cfg, tmp_path):
+def test_eval_reproduces_test_metrics_from_a_checkpoint(short_run, tmp_path):
     from src.eval import evaluate
     from tests.conftest import compose
 
-    results, cfg = short_run(make_cfg)
+    results = short_run
     ev_cfg = compose([f"ckpt_path={results['best_checkpoint']}", "trainer.accelerator=cpu"], tmp_path / "eval",
                      config_name="eval.yaml")
     ev = evaluate(ev_cfg)

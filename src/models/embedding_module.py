@@ -75,7 +75,8 @@ class EmbeddingModule(pl.LightningModule):
             return opt
         kwargs = {}
         if "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            # OneCycle divides by its phase lengths: a very short run (a smoke test) needs a floor
+            kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
         sched = self.hparams.scheduler(optimizer=opt, **kwargs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

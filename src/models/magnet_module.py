@@ -78,7 +78,7 @@ class MagnetModule(EmbeddingModule):
 
     @torch.no_grad()
     def update_running_variance(self, variance: torch.Tensor) -> None:
-        v = variance.detach().float()
+        v = variance.detach().clone().float()  # all_reduce works in place: never on the graph's tensor
         if self.trainer is not None and self.trainer.world_size > 1:
             v = self.trainer.strategy.reduce(v, reduce_op="mean")
         if torch.isnan(self.running_variance):

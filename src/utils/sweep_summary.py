@@ -94,6 +94,8 @@ class SweepSummary(Callback):
         job_dir = Path(hydra_cfg.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
             err = job_return._return_value
+            while err.__cause__ is not None:  # Hydra wraps the user's error; report the root cause
+                err = err.__cause__
             atomic_write_json(job_dir / "failed.json", {"error": f"{type(err).__name__}: {err}".splitlines()[0]})
         sweep_dir = Path(hydra_cfg.sweep.dir)
         try:
