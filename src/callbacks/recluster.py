@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def embed_images(module: pl.LightningModule, datamodule, images: torch.Tensor, batch_size: int = 500,
-                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
     """Embeddings of ``images`` (uint8, no augmentation) in eval mode.
 
     With ``recalibrate_bn`` the BatchNorm layers run in train mode with a cumulative average instead:
@@ -37,11 +37,14 @@ def embed_images(module: pl.LightningModule, datamodule, images: torch.Tensor, b
             bn.momentum = None
             bn.train()
     out = []
+    task = progress.add_task("re-clustering: embedding", total=len(positions)) if progress is not None else None
     for start in range(0, len(positions), batch_size):
         idx = positions[start : start + batch_size]
         x = images[idx].to(module.device, non_blocking=True)
         x = datamodule.transform(x, train=False)
         out.append(module(x).float())
+        if task is not None:
+            progress.advance(task, len(idx))
     for bn, mom in zip(bns, saved_momentum):
         bn.momentum = mom
     module.train(was_training)
@@ -85,6 +88,19 @@ class ReclusterCallback(Callback):
         if trainer.datamodule is not None and stage == "fit":
             trainer.datamodule.train_batch_sampler_factory = None
 
+    def _progress(self, trainer):
+        """A transient rich bar for the embedding pass when the run shows a rich progress bar."""
+        import contextlib
+
+        from pytorch_lightning.callbacks import RichProgressBar
+
+        if trainer.is_global_zero and any(isinstance(cb, RichProgressBar) for cb in trainer.callbacks):
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), transient=True)
+        return contextlib.nullcontext()
+
     def due(self, epoch: int, pl_module) -> bool:
         start = pl_module.warmup_epochs
         return epoch >= start and (epoch - start) % self.every_n_epochs == 0
@@ -102,7 +118,8 @@ class ReclusterCallback(Callback):
         dm = trainer.datamodule
         images, labels = dm.train_arrays()
         shard = (trainer.global_rank, trainer.world_size)
-        emb = embed_images(pl_module, dm, images, self.batch_size, self.recalibrate_bn, shard)
+        with self._progress(trainer) as progress:
+            emb = embed_images(pl_module, dm, images, self.batch_size, self.recalibrate_bn, shard, progress)
         if trainer.world_size > 1:
             from src.models.embedding_module import gather_uneven
 

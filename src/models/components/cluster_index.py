@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import faiss
-import numpy as np
-import torch
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 log = logging.getLogger(__name__)
 
