@@ -43,6 +43,7 @@ def accuracy_curve(curves: dict[str, list[float]], path: str | Path, title: str 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():
         ax.plot(range(1, len(values) + 1), [100 * v for v in values], marker="o", label=name)
+    ax.set_xticks(range(1, max((len(v) for v in curves.values()), default=1) + 1))
     ax.set_xlabel("after increment")
     ax.set_ylabel("accuracy on all seen classes (%)")
     ax.set_ylim(0, 100)
