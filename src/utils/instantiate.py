@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -44,12 +44,6 @@ def apply_accelerator_defaults(trainer_cfg: DictConfig, model_cfg: DictConfig | 
     if net is not None and net.get("channels_last") in (None, "auto"):
         with open_dict(net):
             net.channels_last = on_gpu
-
-
-def open_dict(cfg: DictConfig):
-    from omegaconf import open_dict as _open_dict
-
-    return _open_dict(cfg)
 
 
 def to_container(cfg: DictConfig) -> dict:
