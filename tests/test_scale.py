@@ -83,7 +83,8 @@ def test_resume_after_interruption_reaches_the_same_metrics(tmp_path, monkeypatc
     monkeypatch.setattr(EpochTimer, "on_train_epoch_start", killed_at_epoch_2)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(compose(args, tmp_path / "resumed"))
-    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_file()
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1  # saved after epoch 1, the last completed one
     monkeypatch.setattr(EpochTimer, "on_train_epoch_start", original)
     resumed = train(compose(args, tmp_path / "resumed"))  # same command, same folder -> continues
     assert resumed["epochs"] == full["epochs"] == 3
