@@ -46,9 +46,5 @@ class Distill(Replay):
         module.log("train/distill", kd, prog_bar=True)
         return loss + self.weight * kd
 
-    def state_dict(self):
-        return {**super().state_dict(), "teacher": None if self.teacher is None else self.teacher.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        # the teacher is re-snapshotted from the restored model at the next begin_task
+    # No state of its own to save: the teacher is re-snapshotted from the restored model at the next
+    # begin_task, which is exactly the model it was taken from.
