@@ -213,6 +213,10 @@ def test_memory_indices_join_training_set():
     assert set(old.tolist()) <= set(idx.tolist())
     assert len(idx) == 2 * 55 + 5
     assert torch.bincount(labels[idx], minlength=4).tolist() == [5, 0, 55, 55]
+    # exemplars are interleaved in dataset order, not appended as a block of old classes at the end,
+    # so a batch of the BN re-estimation pass is not all old classes
+    assert torch.equal(idx, idx.sort().values)
+    assert torch.isin(idx[:len(idx) // 2], old).any()
 
 
 def test_real_cifar_layout_if_built():

@@ -100,6 +100,8 @@ def run_continual(cfg: DictConfig) -> dict:
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False)
         log.info(f"increment {t}: classes {datamodule.increment_classes}, {len(datamodule.train_indices)} training images")
         trainer.fit(module, datamodule=datamodule)
+        # Lightning hands the model back on the CPU after fit; the passes below belong on the device
+        module.to(trainer.strategy.root_device)
         recluster = next(cb for cb in trainer.callbacks if isinstance(cb, ReclusterCallback))
         recluster.rebuild(trainer, module)  # an index from the final weights, on the current training set
         strategy.end_task(t, module, datamodule)

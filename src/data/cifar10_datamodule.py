@@ -165,7 +165,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         raw = self._require_setup()
         pool = self.train_pool[self._in_classes(raw["train_y"][self.train_pool], self.increment_classes)]
         if len(self.memory_indices):
-            pool = torch.cat([pool, self.memory_indices[~torch.isin(self.memory_indices, pool)]])
+            # Sorted by CIFAR index, i.e. classes interleaved as in the shuffled original: an appended
+            # block of exemplars would fill whole batches of the BN re-estimation pass with old classes,
+            # skewing the statistics that embed the new classes (their test accuracy collapsed).
+            pool = torch.cat([pool, self.memory_indices[~torch.isin(self.memory_indices, pool)]]).sort().values
         return pool
 
     def train_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
