@@ -39,3 +39,29 @@ def test_embedding_net_shapes_and_normalization():
     assert net.classifier(emb).shape == (3, 10)
     with pytest.raises(ValueError, match="embedding_dim"):
         EmbeddingNet(embedding_dim=0)
+
+
+def test_triplet_warmup_trains_cross_entropy_then_the_triplet_loss():
+    import functools
+    import warnings
+
+    import torch.nn.functional as F
+
+    from src.models.triplet_module import TripletModule
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(embedding_dim=8, num_classes=4, normalize=True).eval()  # eval: deterministic dropout/BN
+    module = TripletModule(net=net, optimizer=functools.partial(torch.optim.SGD, lr=0.1), num_classes=4,
+                           warmup_epochs=1, margin=0.2)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    batch = (x, y, torch.arange(8))
+    with torch.no_grad():
+        emb = net(x)
+    expected_ce = F.cross_entropy(net.classifier(emb), y)
+    expected_triplet = module.loss(emb, y, module.miner(emb, y))
+    assert not torch.allclose(expected_ce, expected_triplet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        assert torch.allclose(module.training_step(batch, 0), expected_ce)  # epoch 0 < warmup_epochs
+        module.warmup_epochs = 0
+        assert torch.allclose(module.training_step(batch, 0), expected_triplet)
