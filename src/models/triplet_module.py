@@ -21,8 +21,8 @@ class TripletModule(EmbeddingModule):
         x, y, _ = batch
         emb = self(x)
         if self.current_epoch < self.warmup_epochs:
-            # the same cross-entropy warm-up as magnet: from scratch, semi-hard mining alone stalls at
-            # a loss of about margin/2 (every mined triplet half-satisfied) and the embedding never forms
+            # optional cross-entropy warm-up, as magnet has (off by default: at our budget it did not
+            # stop semi-hard mining from undoing the warm-up's embedding)
             loss = F.cross_entropy(self.net.classifier(emb), y)
             self.check_finite(loss, "cross-entropy warm-up loss")
             self.log("train/ce", loss, prog_bar=True)
