@@ -1,15 +1,14 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from src.data.cifar10_datamodule import default_data_dir
 from src.utils.compose import compose  # noqa: F401  (re-exported for the tests)
-from src.utils.instantiate import PROJECT_ROOT
 
-REAL_DATA_DIR = Path(os.environ.get("DATA_DIR", PROJECT_ROOT / "data"))
+REAL_DATA_DIR = Path(default_data_dir())  # where `make data` builds it, or $DATA_DIR
 HAVE_REAL_DATA = (REAL_DATA_DIR / "cifar-10-batches-py" / "test_batch").is_file()
 needs_real_data = pytest.mark.skipif(
     not HAVE_REAL_DATA,

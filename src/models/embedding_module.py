@@ -80,6 +80,13 @@ class EmbeddingModule(pl.LightningModule):
         sched = self.hparams.scheduler(optimizer=opt, **kwargs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def warmup_loss(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy through the classifier head, for the warm-up epochs before the method's own loss."""
+        loss = nn.functional.cross_entropy(self.net.classifier(emb), y)
+        self.check_finite(loss, "cross-entropy warm-up loss")
+        self.log("train/ce", loss, prog_bar=True)
+        return loss
+
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from src.models.components.magnet_loss import MagnetLoss
 from src.models.embedding_module import EmbeddingModule
@@ -56,10 +55,7 @@ class MagnetModule(EmbeddingModule):
         x, y, pos = batch
         emb = self(x)
         if self.in_warmup():
-            loss = F.cross_entropy(self.net.classifier(emb), y)
-            self.check_finite(loss, "cross-entropy warm-up loss")
-            self.log("train/ce", loss, prog_bar=True)
-            return self.observe(batch, emb, loss)
+            return self.observe(batch, emb, self.warmup_loss(emb, y))
         cluster_ids = self.cluster_state.index.assignments[pos.cpu()].to(emb.device)
         loss, per_example, variance = self.loss(emb.float(), cluster_ids, y)  # fp32 even under bf16 autocast
         self.check_finite(loss, "magnet loss")

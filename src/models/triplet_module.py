@@ -1,7 +1,6 @@
 """Triplet-loss baseline with semi-hard negative mining (pytorch-metric-learning)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 from src.models.embedding_module import EmbeddingModule
@@ -21,12 +20,9 @@ class TripletModule(EmbeddingModule):
         x, y, _ = batch
         emb = self(x)
         if self.current_epoch < self.warmup_epochs:
-            # optional cross-entropy warm-up, as magnet has (off by default: at our budget it did not
-            # stop semi-hard mining from undoing the warm-up's embedding)
-            loss = F.cross_entropy(self.net.classifier(emb), y)
-            self.check_finite(loss, "cross-entropy warm-up loss")
-            self.log("train/ce", loss, prog_bar=True)
-            return loss
+            # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
+            # from undoing the warm-up's embedding)
+            return self.warmup_loss(emb, y)
         loss = self.loss(emb, y, self.miner(emb, y))
         self.check_finite(loss, "triplet loss")
         self.log("train/triplet", loss, prog_bar=True)
