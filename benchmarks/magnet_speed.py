@@ -20,7 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from src.callbacks.recluster import ReclusterCallback, embed_images
+from src.callbacks.recluster import ReclusterCallback
+from src.models.embed import embed_images
 from src.data.cifar10_datamodule import default_data_dir
 from src.models.components.cluster_index import build_cluster_index, kmeans_assign
 from src.utils.compose import compose
@@ -73,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"data: {'JPEG copy of CIFAR-10' if HAVE_REAL_DATA else 'synthetic (CIFAR-10 not built)'}, "
           f"torch threads {torch.get_num_threads()}")
-    bs = ["model.clusters.K=8", "model.clusters.split_epoch=null", "model.clusters.M=8", "model.clusters.D=8"]
+    bs = ["model.clusters.K=8", "model.clusters.split_fraction=null", "model.clusters.M=8", "model.clusters.D=8"]
     ce_ips, _, _, _ = throughput("softmax_cifar10", args, ["data.batch_size=64"])
     mg_ips, recluster, model, dm = throughput("magnet_cifar10", args, bs)
     print(f"1. training throughput, batch 64 (magnet: K=8, M=8, D=8): cross-entropy {ce_ips:.0f} img/s, magnet {mg_ips:.0f} img/s "
@@ -81,14 +82,14 @@ def main() -> None:
 
     images, labels = dm.train_arrays()
     start = time.perf_counter()
-    emb = embed_images(model, dm, images, batch_size=500)
+    emb = embed_images(model, dm.transform, images, batch_size=500)
     forward_s = time.perf_counter() - start
 
     class _T:  # the callback only needs these trainer attributes outside a fit
         datamodule, global_rank, world_size, is_global_zero, current_epoch, training = dm, 0, 1, True, 1, False
 
     start = time.perf_counter()
-    recluster.rebuild(_T, model)
+    recluster.rebuild(_T, model, k=8)
     recluster_s = time.perf_counter() - start
     epoch_train_s = len(images) / mg_ips
     print(f"2. re-clustering {len(images)} images: {recluster_s:.2f}s vs bare forward {forward_s:.2f}s "

@@ -69,7 +69,7 @@ def test_resume_after_interruption_reaches_the_same_metrics(tmp_path, monkeypatc
     from src.callbacks.timing import EpochTimer
     from src.train import train
 
-    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_epoch=null",
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_fraction=null",
             "model.clusters.M=4", "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50"]
     full = train(compose(args, tmp_path / "full"))
 
@@ -113,7 +113,7 @@ def test_checkpoint_written_atomically(tmp_path, monkeypatch):
 def test_ddp_two_cpu_processes_share_one_index(tmp_path):
     out = tmp_path / "ddp"
     proc = run_cli(["experiment=magnet_cifar10", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    *FAKE, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_epoch=null", "model.clusters.M=4",
+                    *FAKE, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_fraction=null", "model.clusters.M=4",
                     "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50", f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = [(out / f"index_digest_rank{r}.txt").read_text().split("\n") for r in (0, 1)]

@@ -51,7 +51,7 @@ def test_default_command_with_fdr(make_cfg):
 
 
 SHORT = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
-         "model.clusters.split_epoch=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false"]
+         "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     from tests.conftest import compose
 
     args = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2",
-            "model.clusters.split_epoch=null",
+            "model.clusters.split_fraction=null",
             "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false", "seed=7"]
     a = train(compose(args, tmp_path / "a"))
     b = train(compose(args, tmp_path / "b"))
@@ -133,7 +133,7 @@ def test_real_data_smoke(make_cfg):
     """Tiny budget on the built JPEG copy of CIFAR-10: trains, tests, writes results.json."""
     from src.train import train
 
-    cfg = make_cfg(f"data.data_dir={REAL_DATA_DIR}", "trainer.max_epochs=1", "data.subset_size=1000",
+    cfg = make_cfg(f"data.data_dir={REAL_DATA_DIR}", "trainer.max_epochs=1", "model.warmup_epochs=0", "data.subset_size=1000",
                    "data.val_size=200", "trainer.limit_train_batches=5", "model.evaluation.tsne=false",
                    "callbacks.rich_progress_bar=null")
     results = train(cfg)
@@ -159,10 +159,46 @@ def test_k_schedule_and_checkpoint_selection_window(make_cfg):
     import hydra
 
     cfg = make_cfg("experiment=magnet_cifar10", "model.clusters.K=4", "model.clusters.K_initial=1",
-                   "model.clusters.split_epoch=7", "model.warmup_epochs=3")
+                   "model.clusters.split_fraction=0.7", "model.warmup_epochs=3")
     model = hydra.utils.instantiate(cfg.model)
-    assert [model.clusters_per_class(e) for e in (0, 6, 7, 30)] == [1, 1, 4, 4]
+    assert [model.clusters_per_class(e, max_epochs=10) for e in (0, 6, 7, 9)] == [1, 1, 4, 4]
+    assert [model.clusters_per_class(e, max_epochs=50) for e in (34, 35)] == [1, 4]
     assert model.clusters_per_class(None) == 4  # testing and src.eval use the final K
-    assert model.selection_start_epoch() == 7
-    no_schedule = hydra.utils.instantiate(make_cfg("model.clusters.K=3", "model.clusters.split_epoch=null").model)
+    assert model.selection_start_epoch(max_epochs=10) == 7 and model.selection_start_epoch(max_epochs=3) == 3
+    no_schedule = hydra.utils.instantiate(make_cfg("model.clusters.K=3", "model.clusters.split_fraction=null").model)
     assert no_schedule.clusters_per_class(0) == 3 and no_schedule.selection_start_epoch() == no_schedule.warmup_epochs
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["trainer.max_epochs=5", "model.warmup_epochs=5"],
+     r"model.warmup_epochs=5 and model.clusters.split_fraction=0.7 leave no epoch .* final K=2 within trainer.max_epochs=5"),
+    (["experiment=triplet_cifar10", "trainer.max_epochs=2", "model.warmup_epochs=2"],
+     r"model.warmup_epochs=2 and model.clusters.split_fraction=None leave no epoch"),
+    (["model.clusters.split_fraction=1.0"], r"model.clusters.split_fraction must be null or in \[0, 1\)"),
+    (["+model.clusters.split_epoch=35"], r"model.clusters.split_epoch was replaced by model.clusters.split_fraction"),
+])
+def test_a_run_that_would_never_train_its_final_k_fails_in_one_line(make_cfg, overrides, match):
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", *FAST, "model.evaluation.tsne=false", *overrides)
+    with pytest.raises(Exception, match=match) as e:  # Hydra wraps errors raised while instantiating
+        train(cfg)
+    root = e.value
+    while root.__cause__ is not None:
+        root = root.__cause__
+    assert isinstance(root, ValueError) and "\n" not in str(root)
+
+
+def test_short_debug_run_trains_and_tests_the_final_k(make_cfg):
+    """debug=limit (3 epochs) with the default schedule: the old absolute split at epoch 35 never reached
+    K=2 and tested a cross-entropy warm-up checkpoint; now the last epoch trains with K=2 and is selected."""
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=limit", *FAST, "model.evaluation.tsne=false",
+                   "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0")  # fake data: one batch each
+    results = train(cfg)
+    ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] >= 2  # split at floor(0.7 * 3) = 2: only the last epoch is selectable
+    labels = ckpt["cluster_state"]["index"]["centroid_labels"]
+    assert torch.bincount(labels).tolist() == [2] * 10  # the selected epoch's index has K=2 per class
+    assert results["test/magnet_acc"] > 0

@@ -1,9 +1,12 @@
-"""Reseeds the global RNG (augmentation, dropout) at every epoch from (seed, epoch), so a run resumed
-from a checkpoint draws exactly what the uninterrupted run would have drawn."""
+"""Reseeds the global RNG (augmentation, dropout) at every epoch from (seed, increment, epoch, rank), so
+a run resumed from a checkpoint draws exactly what the uninterrupted run would have drawn, and no two
+increments of a continual sequence replay the same draws."""
 from __future__ import annotations
 
 import torch
 from pytorch_lightning.callbacks import Callback
+
+from src.utils.seeding import stream_seed
 
 
 class EpochSeed(Callback):
@@ -11,4 +14,5 @@ class EpochSeed(Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer, pl_module):
-        torch.manual_seed(self.seed * 100_003 + trainer.current_epoch * 7 + trainer.global_rank * 1_000_003)
+        increment = getattr(trainer.datamodule, "increment", None)
+        torch.manual_seed(stream_seed(self.seed, "global", increment, trainer.current_epoch, trainer.global_rank))

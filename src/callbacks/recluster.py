@@ -1,6 +1,13 @@
-"""Rebuilds the magnet cluster index from the training embeddings with FAISS k-means."""
+"""Rebuilds the magnet cluster index from the training embeddings with FAISS k-means.
+
+The index is rebuilt once per epoch, at the end of its training batches and before validation, from
+one embedding pass (with the BatchNorm re-estimation for models trained on neighbourhood batches).
+Validation and the next epoch's training use that index, and the test repeats the same procedure (same
+pass, same k-means seed, final K) on the selected weights, so the checkpoint is selected on exactly the
+measurement that is reported."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -10,45 +17,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler
 from src.models.components.cluster_index import ClusterIndex, build_cluster_index
+from src.models.embed import embed_images
+from src.utils.seeding import stream_seed
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def embed_images(module: pl.LightningModule, datamodule, images: torch.Tensor, batch_size: int = 500,
-                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
-    """Embeddings of ``images`` (uint8, no augmentation) in eval mode.
-
-    With ``recalibrate_bn`` the BatchNorm layers run in train mode with a cumulative average instead:
-    the embeddings then use iid batch statistics and the running statistics are re-estimated on the
-    way, in the same single pass. Neighbourhood batches hold few, similar classes, so the statistics
-    BN gathered during training are biased; this undoes that before clustering and evaluation."""
-    rank, world = shard
-    positions = torch.arange(rank, len(images), world)
-    was_training = module.training
-    module.eval()
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved_momentum = [bn.momentum for bn in bns]
-    if recalibrate_bn:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-    out = []
-    task = progress.add_task("re-clustering: embedding", total=len(positions)) if progress is not None else None
-    for start in range(0, len(positions), batch_size):
-        idx = positions[start : start + batch_size]
-        x = images[idx].to(module.device, non_blocking=True)
-        x = datamodule.transform(x, train=False)
-        out.append(module(x).float())
-        if task is not None:
-            progress.advance(task, len(idx))
-    for bn, mom in zip(bns, saved_momentum):
-        bn.momentum = mom
-    module.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, getattr(module.net, "embedding_dim", 0), device=module.device)
 
 
 def index_digest(index: ClusterIndex) -> str:
@@ -59,8 +32,8 @@ def index_digest(index: ClusterIndex) -> str:
 
 
 class ReclusterCallback(Callback):
-    """Every ``every_n_epochs`` epochs (from the model's warm-up end) and before testing: embed the
-    training set, run per-class k-means, and hand the index to the model and the batch sampler."""
+    """Every ``every_n_epochs`` epochs (from the end of the model's warm-up) and before testing: embed the
+    training set, run per-class k-means, and hand the index to the model (and so to its batch sampler)."""
 
     def __init__(self, every_n_epochs: int = 1, kmeans_iters: int = 20, seed: int = 0, batch_size: int = 500,
                  recalibrate_bn: bool = True):
@@ -70,56 +43,74 @@ class ReclusterCallback(Callback):
         self.batch_size, self.recalibrate_bn = batch_size, recalibrate_bn
         self.last_seconds = 0.0
         self.total_seconds = 0.0
-
-    def setup(self, trainer, pl_module, stage):
-        if stage != "fit" or not getattr(pl_module, "uses_neighbourhood_sampler", False):
-            return
-        dm = trainer.datamodule
-        pl_module.cluster_state.reset(len(dm.train_indices))
-
-        def factory(labels, rank, world):
-            return NeighbourhoodBatchSampler(pl_module.cluster_state, len(labels), pl_module.M, pl_module.D,
-                                             seed=self.seed, random_clusters=pl_module.random_clusters,
-                                             rank=rank, world_size=world)
-
-        dm.train_batch_sampler_factory = factory
-
-    def teardown(self, trainer, pl_module, stage):
-        if trainer.datamodule is not None and stage == "fit":
-            trainer.datamodule.train_batch_sampler_factory = None
+        self._rebuilt_epoch: int | None = None  # the epoch whose end has already re-clustered
 
     def _progress(self, trainer):
         """A transient rich bar for the embedding pass when the run shows a rich progress bar."""
-        import contextlib
-
         from pytorch_lightning.callbacks import RichProgressBar
 
         if trainer.is_global_zero and any(isinstance(cb, RichProgressBar) for cb in trainer.callbacks):
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), transient=True)
+            return Progress(TextColumn("re-clustering: {task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), transient=True)
         return contextlib.nullcontext()
 
-    def due(self, epoch: int, pl_module) -> bool:
-        start = pl_module.warmup_epochs
-        return epoch >= start and (epoch - start) % self.every_n_epochs == 0
+    def due_after(self, epoch: int, pl_module) -> bool:
+        """Re-cluster at the end of ``epoch``? From the last warm-up epoch on (the next epoch trains on
+        the index), every ``every_n_epochs`` epochs, and always after the last epoch."""
+        start = pl_module.warmup_epochs - 1
+        last = epoch + 1 >= (pl_module.trainer.max_epochs or 0)
+        return epoch >= start and ((epoch - start) % self.every_n_epochs == 0 or last)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if getattr(pl_module, "uses_training_index", False) and self.due(trainer.current_epoch, pl_module):
-            self.rebuild(trainer, pl_module)
+        # Only the first epoch of magnet training without a warm-up has no index from an earlier end of epoch
+        if pl_module.needs_index_for_training(trainer.current_epoch) and pl_module.cluster_state.index is None:
+            self.rebuild(trainer, pl_module, k=pl_module.clusters_per_class(trainer.current_epoch))
+
+    def _end_of_epoch(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        if not pl_module.uses_training_index or self._rebuilt_epoch == epoch or not self.due_after(epoch, pl_module):
+            return
+        self._rebuilt_epoch = epoch
+        self.rebuild(trainer, pl_module, k=pl_module.clusters_per_class(epoch + 1))
+        pl_module.index_fresh = True
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        pl_module.index_fresh = False
+        # a validation in the middle of an epoch (val_check_interval < 1) keeps the epoch's index
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._end_of_epoch(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # epochs without validation still re-cluster for the next epoch (this runs before checkpoints are
+        # saved: Lightning calls ModelCheckpoint callbacks last)
+        self._end_of_epoch(trainer, pl_module)
+        if self._rebuilt_epoch == trainer.current_epoch:
+            pl_module.log("time/recluster_s", self.last_seconds)
 
     def on_test_start(self, trainer, pl_module):
-        # Test runs on the selected checkpoint's weights, so its index must come from those weights.
-        self.rebuild(trainer, pl_module, keep_reference=True)
+        # The selected checkpoint's index was built by the same pass and k-means seed at the end of its
+        # epoch; repeating both on its weights reproduces the index its validation accuracy used.
+        stored = pl_module.cluster_state.index
+        seed = stored.seed if stored is not None else self.kmeans_seed(trainer, 0)
+        self.rebuild(trainer, pl_module, k=pl_module.clusters_per_class(None), seed=seed, keep_reference=True)
 
-    def rebuild(self, trainer, pl_module, keep_reference: bool = False) -> ClusterIndex:
+    def kmeans_seed(self, trainer, epoch: int) -> int:
+        increment = getattr(trainer.datamodule, "increment", None)
+        return stream_seed(self.seed, "kmeans", increment, epoch) % (2**31 - 1024)  # FAISS takes a C int
+
+    def rebuild(self, trainer, pl_module, k: int, seed: int | None = None, keep_reference: bool = False) -> ClusterIndex:
         start = time.perf_counter()
         dm = trainer.datamodule
         images, labels = dm.train_arrays()
         shard = (trainer.global_rank, trainer.world_size)
+        # iid-trained models keep their running BN statistics: validation and test then measure the same thing
+        recalibrate = self.recalibrate_bn and pl_module.uses_neighbourhood_sampler
         with self._progress(trainer) as progress:
-            emb = embed_images(pl_module, dm, images, self.batch_size, self.recalibrate_bn, shard, progress)
+            emb = embed_images(pl_module, dm.transform, images, self.batch_size, recalibrate, shard, progress)
         if trainer.world_size > 1:
             from src.models.embedding_module import gather_uneven
 
@@ -130,10 +121,9 @@ class ReclusterCallback(Callback):
             emb[order.to(parts.device)] = parts
         emb = emb.cpu()
         index = None
+        if seed is None:
+            seed = self.kmeans_seed(trainer, trainer.current_epoch)
         if trainer.is_global_zero:
-            # Test-time indices use the bare seed, so src.eval on a checkpoint rebuilds the same index.
-            seed = self.seed if keep_reference else self.seed + trainer.current_epoch
-            k = pl_module.clusters_per_class(None if keep_reference else trainer.current_epoch)
             index = build_cluster_index(emb, labels, k, seed=seed, niter=self.kmeans_iters)
         if trainer.world_size > 1:
             index = trainer.strategy.broadcast(index, src=0)  # one clustering, identical on every rank
@@ -149,7 +139,5 @@ class ReclusterCallback(Callback):
             pl_module.train_reference = (emb, labels.clone())
         self.last_seconds = time.perf_counter() - start
         self.total_seconds += self.last_seconds
-        if trainer.training:
-            pl_module.log("time/recluster_s", self.last_seconds)
         log.info(f"re-clustered {len(labels)} embeddings into {index.num_clusters} clusters in {self.last_seconds:.1f}s")
         return index

@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from src.callbacks.recluster import ReclusterCallback, embed_images
+from src.callbacks.recluster import ReclusterCallback
 from src.data.cifar10 import CLASSES
 from src.models.components.magnet_loss import magnet_predict
+from src.models.embed import embed_images
 from src.utils import cl_metrics
 from src.utils.instantiate import apply_accelerator_defaults, instantiate_group, to_container
 from src.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -39,13 +40,38 @@ def cil_til_accuracies(emb, labels, centroids, centroid_labels, variance: float,
     return cil, til
 
 
-def class_il_task_il(module, datamodule, strategy, t: int) -> tuple[list[float], list[float]]:
-    test_x, test_y = datamodule.test_arrays()
-    emb = embed_images(module, datamodule, test_x).cpu()
-    centroids, labels = strategy.eval_centroids(datamodule.seen_classes, module)
+def class_il_task_il(module, datamodule, strategy, t: int, images: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Class-IL and Task-IL accuracy of each increment 0..t on ``images`` (test or validation images of
+    every seen class), with the centroids the strategy chooses."""
+    emb = embed_images(module, datamodule.transform, images).cpu()
+    centroids, centroid_labels = strategy.eval_centroids(datamodule.seen_classes, module)
     increments = [datamodule.classes_of_increment(j) for j in range(t + 1)]
-    return cil_til_accuracies(emb, test_y, centroids, labels, module.eval_variance(), increments,
+    return cil_til_accuracies(emb, labels, centroids, centroid_labels, module.eval_variance(), increments,
                               module.num_classes, module.L)
+
+
+def evaluate_increment(module, datamodule, strategy, t: int) -> dict[str, list[float]]:
+    """Row t of the four accuracy matrices: Class-IL and Task-IL on the test set and on the validation split
+    of every class seen so far (training images outside the subset, never trained on)."""
+    datamodule.increment = t
+    test_cil, test_til = class_il_task_il(module, datamodule, strategy, t, *datamodule.test_arrays())
+    val_cil, val_til = class_il_task_il(module, datamodule, strategy, t, *datamodule.val_arrays(datamodule.seen_classes))
+    return {"cil": test_cil, "til": test_til, "cil_val": val_cil, "til_val": val_til}
+
+
+def seen_accuracy(per_increment: list[float], labels: torch.Tensor, datamodule, t: int) -> float:
+    """Accuracy over all seen classes: the per-increment accuracies weighted by their image counts."""
+    weights = [int(torch.isin(labels, torch.tensor(datamodule.classes_of_increment(j))).sum()) for j in range(t + 1)]
+    return float(np.average(per_increment, weights=weights))
+
+
+def recluster_callback(trainer) -> ReclusterCallback:
+    found = [cb for cb in trainer.callbacks if isinstance(cb, ReclusterCallback)]
+    if not found:
+        raise ValueError("the continual runner needs the re-clustering callback for its cluster index; add "
+                         "callbacks.recluster (conf/callbacks/recluster.yaml) to the run's callbacks")
+    return found[0]
 
 
 def summary(R: np.ndarray) -> dict[str, float]:
@@ -63,6 +89,9 @@ def save_state(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+MATRICES = ("cil", "til", "cil_val", "til_val")
+
+
 def run_continual(cfg: DictConfig) -> dict:
     apply_accelerator_defaults(cfg.trainer, cfg.model)
     out = Path(cfg.paths.output_dir)
@@ -74,18 +103,16 @@ def run_continual(cfg: DictConfig) -> dict:
     module.strategy = strategy
     datamodule.setup()
     T = datamodule.num_increments
-    R_cil, R_til = np.full((T, T), np.nan), np.full((T, T), np.nan)
-    seen_acc, times, start_t = [], [], 0
+    R = {name: np.full((T, T), np.nan) for name in MATRICES}
+    seen_acc, seen_acc_val, times, start_t = [], [], [], 0
     warmup = module.warmup_epochs
     state_path = out / "continual_state.pt"
     if cfg.get("ckpt_path"):
         state_path = Path(cfg.ckpt_path)
     if state_path.is_file() and cfg.get("resume", True):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["model"])
-        module.cluster_state.load_state_dict(state["cluster_state"])
-        strategy.load_state_dict(state["strategy"])
-        R_cil, R_til, seen_acc, times = state["R_cil"], state["R_til"], state["seen_acc"], state["times"]
+        load_state(state, module, strategy)
+        R, seen_acc, seen_acc_val, times = state["R"], state["seen_acc"], state["seen_acc_val"], state["times"]
         start_t = state["completed"] + 1
         log.info(f"resuming the sequence after increment {state['completed']} from {state_path}")
     loggers = instantiate_group(cfg.get("logger"))
@@ -98,62 +125,81 @@ def run_continual(cfg: DictConfig) -> dict:
         strategy.begin_task(t, module, datamodule)
         callbacks = [cb for cb in instantiate_group(cfg.get("callbacks")) if not isinstance(cb, pl.callbacks.ModelCheckpoint)]
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False)
+        recluster = recluster_callback(trainer)
         log.info(f"increment {t}: classes {datamodule.increment_classes}, {len(datamodule.train_indices)} training images")
         trainer.fit(module, datamodule=datamodule)
         # Lightning hands the model back on the CPU after fit; the passes below belong on the device
         module.to(trainer.strategy.root_device)
-        recluster = next(cb for cb in trainer.callbacks if isinstance(cb, ReclusterCallback))
-        recluster.rebuild(trainer, module)  # an index from the final weights, on the current training set
+        if not module.uses_training_index:
+            # iid-trained models keep no index while training: one from the final weights
+            recluster.rebuild(trainer, module, k=module.clusters_per_class(None))
+        # (a magnet model's index was rebuilt from its final weights at the end of its last epoch)
         strategy.end_task(t, module, datamodule)
-        datamodule.increment = t  # end_task may have changed the memory; evaluation sees all seen classes
-        cil, til = class_il_task_il(module, datamodule, strategy, t)
-        R_cil[t, : t + 1], R_til[t, : t + 1] = cil, til
-        test_x, test_y = datamodule.test_arrays()
-        weights = [int(torch.isin(test_y, torch.tensor(datamodule.classes_of_increment(j))).sum()) for j in range(t + 1)]
-        seen_acc.append(float(np.average(cil, weights=weights)))
+        row = evaluate_increment(module, datamodule, strategy, t)
+        for name in MATRICES:
+            R[name][t, : t + 1] = row[name]
+        seen_acc.append(seen_accuracy(row["cil"], datamodule.test_arrays()[1], datamodule, t))
+        seen_acc_val.append(seen_accuracy(row["cil_val"], datamodule.val_arrays(datamodule.seen_classes)[1], datamodule, t))
         times.append(time.perf_counter() - inc_start)
-        log.info(f"increment {t}: Class-IL accuracy on seen classes {100 * seen_acc[-1]:.2f}% "
-                 f"(per increment {[round(100 * a, 1) for a in cil]}), {times[-1]:.0f}s")
+        log.info(f"increment {t}: Class-IL accuracy on seen classes {100 * seen_acc[-1]:.2f}% test, "
+                 f"{100 * seen_acc_val[-1]:.2f}% validation (per increment {[round(100 * a, 1) for a in row['cil']]}), "
+                 f"{times[-1]:.0f}s")
         for lg in loggers:
-            lg.log_metrics({"cl/acc_seen": seen_acc[-1], "cl/task_il_mean": float(np.mean(til))}, step=t)
+            lg.log_metrics({"cl/acc_seen": seen_acc[-1], "cl/acc_seen_val": seen_acc_val[-1],
+                            "cl/task_il_mean": float(np.mean(row["til"]))}, step=t)
         if trainer.is_global_zero:
-            save_state(state_path, {"completed": t, "model": module.state_dict(),
+            save_state(state_path, {"completed": t, "config": to_container(cfg), "model": module.state_dict(),
                                     "cluster_state": module.cluster_state.state_dict(),
-                                    "strategy": strategy.state_dict(), "R_cil": R_cil, "R_til": R_til,
-                                    "seen_acc": seen_acc, "times": times})
-    results = write_outputs(cfg, out, datamodule, R_cil, R_til, seen_acc, times, time.perf_counter() - t0, loggers)
-    return results
+                                    "strategy": strategy.state_dict(), "R": R, "seen_acc": seen_acc,
+                                    "seen_acc_val": seen_acc_val, "times": times})
+    return write_outputs(cfg, out, datamodule, R, seen_acc, seen_acc_val, times, time.perf_counter() - t0, loggers)
 
 
-def write_outputs(cfg, out: Path, datamodule, R_cil, R_til, seen_acc, times, wall, loggers) -> dict:
+def load_state(state: dict, module, strategy) -> None:
+    module.load_state_dict(state["model"])
+    module.cluster_state.load_state_dict(state["cluster_state"])
+    strategy.load_state_dict(state["strategy"])
+
+
+def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, times, wall, loggers) -> dict:
     from src.utils.plots import accuracy_curve, accuracy_heatmap
 
-    T = len(R_cil)
+    T = len(R["cil"])
     table = [{"increment": t + 1, "classes": "-".join(CLASSES[c] for c in datamodule.classes_of_increment(t)),
-              "class_ids": datamodule.classes_of_increment(t), "accuracy_seen": seen_acc[t]} for t in range(T)]
+              "class_ids": datamodule.classes_of_increment(t), "accuracy_seen": seen_acc[t],
+              "accuracy_seen_val": seen_acc_val[t]} for t in range(T)]
     results = {
         "task": cfg.get("task_name"), "experiment": cfg.get("experiment_name"), "strategy": cfg.strategy.get("_target_"),
         "seed": cfg.seed,
-        "class_il": {"R": R_cil, **summary(R_cil)},
-        "task_il": {"R": R_til, **summary(R_til)},
+        "class_il": {"R": R["cil"], **summary(R["cil"])},
+        "task_il": {"R": R["til"], **summary(R["til"])},
+        # the same measurements on the validation split: what any continual setting is chosen on
+        "class_il_val": {"R": R["cil_val"], **summary(R["cil_val"])},
+        "task_il_val": {"R": R["til_val"], **summary(R["til_val"])},
         "table": table,
         "final_class_il_accuracy": seen_acc[-1],
+        "final_class_il_accuracy_val": seen_acc_val[-1],
         "time/increments_s": times, "time/total_s": float(sum(times)), "time/this_process_s": wall,
         "output_dir": str(out),
     }
     atomic_write_json(out / "results.json", results)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["setting", "after_increment"] + [f"inc{j + 1}" for j in range(T)])
-    for name, R in (("class_il", R_cil), ("task_il", R_til)):
-        for i in range(T):
-            w.writerow([name, i + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in R[i]])
-    atomic_write_text(out / "accuracy_matrix.csv", buf.getvalue())
+    atomic_write_text(out / "accuracy_matrix.csv", accuracy_matrix_csv(R))
     curve = accuracy_curve({str(cfg.strategy.get("_target_", "")).rsplit(".", 1)[-1]: seen_acc}, out / "accuracy_curve.png")
-    heat = accuracy_heatmap(R_cil, out / "accuracy_matrix.png")
+    heat = accuracy_heatmap(R["cil"], out / "accuracy_matrix.png")
     for lg in loggers:
-        lg.log_metrics({f"cl/{k}": v for k, v in summary(R_cil).items()}, step=T)
+        lg.log_metrics({f"cl/{k}": v for k, v in summary(R["cil"]).items()}, step=T)
         if hasattr(lg, "log_image"):
             lg.log_image(key="cl/plots", images=[str(curve), str(heat)])
         lg.save()
     return results
+
+
+def accuracy_matrix_csv(R: dict) -> str:
+    T = len(R["cil"])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["setting", "after_increment"] + [f"inc{j + 1}" for j in range(T)])
+    for name, label in (("cil", "class_il"), ("til", "task_il"), ("cil_val", "class_il_val"), ("til_val", "task_il_val")):
+        for i in range(T):
+            w.writerow([label, i + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in R[name][i]])
+    return buf.getvalue()

@@ -75,7 +75,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self._validate()
         self.increment = increment
         self.memory_indices = torch.empty(0, dtype=torch.long)  # extra train-pool images (replay buffer)
-        self.train_batch_sampler_factory = None  # set by the re-clustering callback for magnet training
         self._raw: dict[str, torch.Tensor] | None = None
 
     # ---- configuration checks -------------------------------------------------------------------
@@ -179,9 +178,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
         raw = self._require_setup()
         return raw["train_x"][indices], raw["train_y"][indices]
 
-    def val_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Labels of positions in the full CIFAR train array (e.g. ``train_pool``)."""
+        return self._require_setup()["train_y"][indices]
+
+    def val_arrays(self, classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation split of ``classes`` (default: the classes the current increment trains on)."""
         raw = self._require_setup()
-        idx = self.val_pool[self._in_classes(raw["train_y"][self.val_pool], self.increment_classes)]
+        classes = self.increment_classes if classes is None else classes
+        idx = self.val_pool[self._in_classes(raw["train_y"][self.val_pool], classes)]
         return raw["train_x"][idx], raw["train_y"][idx]
 
     def test_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +216,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def train_dataloader(self) -> InMemoryLoader:
         x, y = self.train_arrays()
         rank, world = self._rank_world()
-        if self.train_batch_sampler_factory is not None:
-            sampler = self.train_batch_sampler_factory(y, rank, world)
-        else:
-            sampler = RandomBatchSampler(len(y), self.batch_size, self.seed, shuffle=True, rank=rank, world_size=world)
+        # The model decides how it is batched (magnet: neighbourhood batches around its cluster index)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        sampler = None
+        if hasattr(model, "train_batch_sampler"):
+            sampler = model.train_batch_sampler(len(y), self.seed, self.increment, rank, world)
+        if sampler is None:
+            sampler = RandomBatchSampler(len(y), self.batch_size, self.seed, shuffle=True, rank=rank, world_size=world,
+                                         increment=self.increment)
         return self._loader(x, y, sampler)
 
     def eval_loader(self, images: torch.Tensor, labels: torch.Tensor, shard: bool = True) -> InMemoryLoader:

@@ -2,7 +2,7 @@
 
 The loader only indexes uint8 tensors; augmentation happens after the batch reaches its device
 (``LightningDataModule.on_after_batch_transfer``), so the loader never starves the model.
-Batch order is a pure function of (seed, epoch, rank): a resumed run sees the same batches.
+Batch order is a pure function of (seed, increment, epoch, rank): a resumed run sees the same batches.
 """
 from __future__ import annotations
 
@@ -11,29 +11,28 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-
-def rank_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + epoch * 9_176 + rank * 7_919) % (2**63 - 1))
-    return g
+from src.utils.seeding import stream_generator
 
 
 class RandomBatchSampler:
     """Shuffled batches; each DDP rank takes a disjoint stride of the same permutation."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, increment: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.increment = rank, world_size, increment
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _my_indices(self) -> torch.Tensor:
-        order = torch.randperm(self.n, generator=rank_generator(self.seed, self.epoch)) if self.shuffle else torch.arange(self.n)
+        if not self.shuffle:
+            order = torch.arange(self.n)
+        else:  # one permutation shared by all ranks (no rank in the key), each rank takes its stride
+            order = torch.randperm(self.n, generator=stream_generator(self.seed, "batches", self.increment, self.epoch))
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from src.data.loaders import rank_generator
 from src.models.components.cluster_index import ClusterState
+from src.utils.seeding import stream_generator
 
 
 def seed_probabilities(cluster_losses: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
@@ -18,34 +18,58 @@ def seed_probabilities(cluster_losses: torch.Tensor, floor: float = 1e-3) -> tor
     return w / w.sum()
 
 
+def split_quota(total: int, parts: int) -> list[int]:
+    """``total`` images over ``parts`` clusters as evenly as possible, the seed cluster (first) first."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def draw_members(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """``count`` members of ``pool``: without replacement as far as the pool goes, then with replacement."""
+    first = pool[torch.randperm(len(pool), generator=g)[:count]]
+    if len(first) == count:
+        return first
+    return torch.cat([first, pool[torch.randint(len(pool), (count - len(first),), generator=g)]])
+
+
 class NeighbourhoodBatchSampler:
-    """Yields index batches of M clusters x D images; random batches of M*D until an index exists."""
+    """Yields index batches of exactly M*D images: M clusters x D images around a seed cluster, in
+    cluster order; random batches of M*D until an index exists.
+
+    When fewer than M clusters can be chosen (a two-class increment has only 2K clusters, and the seed's
+    own class offers no impostor), the chosen clusters supply the M*D images between them, so the batch
+    size and so the images an epoch trains on do not depend on how many classes the data holds."""
 
     def __init__(self, state: ClusterState, num_examples: int, m: int, d: int, seed: int = 0,
-                 random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3):
+                 random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3,
+                 increment: int | None = None):
         if m < 2:
-            raise ValueError(f"model.sampler.M must be >= 2 (a seed cluster and at least one impostor), got {m}")
+            raise ValueError(f"model.clusters.M must be >= 2 (a seed cluster and at least one impostor), got {m}")
         if d < 1:
-            raise ValueError(f"model.sampler.D must be >= 1, got {d}")
+            raise ValueError(f"model.clusters.D must be >= 1, got {d}")
         if not 0 <= random_clusters < m:
-            raise ValueError(f"model.sampler.random_clusters must be in 0..M-1, got {random_clusters}")
+            raise ValueError(f"model.clusters.random_clusters must be in 0..M-1, got {random_clusters}")
         self.state, self.n, self.m, self.d, self.seed = state, num_examples, m, d, seed
         self.random_clusters = random_clusters
         self.rank, self.world_size, self.loss_floor = rank, world_size, loss_floor
+        self.increment = increment
         self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.m * self.d
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.n / (self.m * self.d)) / self.world_size)
+        return math.ceil(math.ceil(self.n / self.batch_size) / self.world_size)
 
     def __iter__(self):
-        g = rank_generator(self.seed, self.epoch, self.rank)
+        g = stream_generator(self.seed, "batches", self.increment, self.epoch, self.rank)
         for _ in range(len(self)):
-            index = self.state.index
-            if index is None:
-                yield torch.randperm(self.n, generator=g)[: self.m * self.d]
+            if self.state.index is None:
+                yield torch.randperm(self.n, generator=g)[: self.batch_size]
             else:
                 yield self.sample_batch(g)
 
@@ -67,12 +91,6 @@ class NeighbourhoodBatchSampler:
 
     def sample_batch(self, g: torch.Generator) -> torch.Tensor:
         members = self.state.index.members
-        out = []
-        for c in self.choose_clusters(g).tolist():
-            pool = members[c]
-            if len(pool) >= self.d:
-                pick = torch.randperm(len(pool), generator=g)[: self.d]
-            else:  # replacement only when the cluster is too small to give D distinct images
-                pick = torch.randint(len(pool), (self.d,), generator=g)
-            out.append(pool[pick])
-        return torch.cat(out)
+        chosen = self.choose_clusters(g).tolist()
+        quotas = split_quota(self.batch_size, len(chosen))  # D each when M clusters were found
+        return torch.cat([draw_members(members[c], q, g) for c, q in zip(chosen, quotas)])

@@ -30,24 +30,29 @@ class EmbeddingModule(pl.LightningModule):
         self.net = net
         self.num_classes = num_classes
         clusters = dict(clusters or {})
+        if "split_epoch" in clusters:
+            raise ValueError("model.clusters.split_epoch was replaced by model.clusters.split_fraction (the fraction of "
+                             "trainer.max_epochs trained with K_initial, e.g. 0.7); rename the key")
         self.K = int(clusters.get("K", 1))
-        # Optional K schedule (not in the paper): K_initial clusters per class until split_epoch, then K.
+        # Optional K schedule (not in the paper): K_initial clusters per class for the first split_fraction of
+        # the run's epochs, then K. A fraction, not an epoch, so a shorter run still trains and tests its final K.
         self.K_initial = int(clusters.get("K_initial") or self.K)
-        self.split_epoch = clusters.get("split_epoch")
+        self.split_fraction = clusters.get("split_fraction")
         self.M = int(clusters.get("M", 2))
         self.D = int(clusters.get("D", 1))
         self.L = int(clusters.get("L", 128))
         self.random_clusters = int(clusters.get("random_clusters", 0))
         if self.K < 1 or self.L < 1 or self.K_initial < 1:
             raise ValueError(f"model.clusters.K and L must be >= 1, got K={self.K}, L={self.L}")
-        if self.split_epoch is not None and int(self.split_epoch) < 0:
-            raise ValueError(f"model.clusters.split_epoch must be null or >= 0, got {self.split_epoch}")
+        if self.split_fraction is not None and not 0 <= float(self.split_fraction) < 1:
+            raise ValueError(f"model.clusters.split_fraction must be null or in [0, 1), got {self.split_fraction}")
         self.evaluation = {"attribute_k": [10, 50, 100], "tsne_per_class": 100, "tsne": True, **(evaluation or {})}
         self.attributes = dict(attributes or {})
         self.warmup_epochs = int(warmup_epochs)
         if self.warmup_epochs < 0:
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         self.cluster_state = ClusterState()
+        self.index_fresh = False  # was the index rebuilt from this epoch's final weights (validation may select)?
         self.train_reference: tuple[torch.Tensor, torch.Tensor] | None = None  # train embeddings for k-NN
         self.strategy = None  # a continual strategy (src/continual/strategies), when one drives training
         self.output_dir: Path | None = None
@@ -55,15 +60,63 @@ class EmbeddingModule(pl.LightningModule):
         self.test_results: dict[str, float] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
-    def clusters_per_class(self, epoch: int | None) -> int:
+    def _max_epochs(self, max_epochs: int | None) -> int | None:
+        if max_epochs is None and self._trainer is not None:
+            max_epochs = self._trainer.max_epochs
+        return None if max_epochs is None or max_epochs < 0 else int(max_epochs)
+
+    def split_epoch(self, max_epochs: int | None = None) -> int | None:
+        """First epoch trained with the final K, or None without a schedule."""
+        if self.split_fraction is None or self.K_initial == self.K:
+            return None
+        max_epochs = self._max_epochs(max_epochs)
+        if max_epochs is None:
+            raise ValueError("model.clusters.split_fraction needs a finite trainer.max_epochs; set one or "
+                             "model.clusters.split_fraction=null")
+        return math.floor(round(float(self.split_fraction) * max_epochs, 6))
+
+    def clusters_per_class(self, epoch: int | None, max_epochs: int | None = None) -> int:
         """K for training epoch ``epoch``; ``None`` (testing, evaluation) means the final K."""
-        if epoch is None or self.split_epoch is None or epoch >= int(self.split_epoch):
+        split = None if epoch is None else self.split_epoch(max_epochs)
+        if split is None or epoch >= split:
             return self.K
         return self.K_initial
 
-    def selection_start_epoch(self) -> int:
+    def selection_start_epoch(self, max_epochs: int | None = None) -> int:
         """First epoch whose checkpoint may be selected: the method must be in its final form."""
-        return max(self.warmup_epochs, int(self.split_epoch or 0))
+        return max(self.warmup_epochs, self.split_epoch(max_epochs) or 0)
+
+    def needs_index_for_training(self, epoch: int) -> bool:
+        return self.uses_neighbourhood_sampler and epoch >= self.warmup_epochs
+
+    def train_batch_sampler(self, num_examples: int, seed: int, increment: int | None, rank: int, world_size: int):
+        """The batch sampler this model trains with; None: the datamodule's iid batches."""
+        return None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.cluster_state.reset()  # a new training set (e.g. the next increment) needs a new index
+
+    def on_fit_start(self) -> None:
+        self.check_training_plan()
+
+    def check_training_plan(self) -> None:
+        """One-line errors for a run that would never train or test the method in its final form."""
+        from src.callbacks.recluster import ReclusterCallback
+
+        trainer = self.trainer
+        if self.uses_training_index and not any(isinstance(cb, ReclusterCallback) for cb in trainer.callbacks):
+            raise ValueError(f"{type(self).__name__} needs the re-clustering callback for its cluster index; add "
+                             "callbacks.recluster (conf/callbacks/recluster.yaml) to the run's callbacks")
+        max_epochs = self._max_epochs(None)
+        if max_epochs is None:
+            self.split_epoch()  # a schedule needs a finite run: raises with the keys to set
+            return
+        # (a split_fraction < 1 always leaves its last epoch to the final K; the warm-up may not)
+        if self.selection_start_epoch() >= max_epochs:
+            raise ValueError(f"model.warmup_epochs={self.warmup_epochs} and model.clusters.split_fraction="
+                             f"{self.split_fraction} leave no epoch trained with the method's own loss and final "
+                             f"K={self.K} within trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs")
 
     # ---- model ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +140,14 @@ class EmbeddingModule(pl.LightningModule):
         self.log("train/ce", loss, prog_bar=True)
         return loss
 
+    def observe(self, batch, emb: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Every training step's loss goes through here: a continual strategy may add to it (distillation)."""
+        if self.strategy is None:
+            return loss
+        loss = self.strategy.observe(self, batch, emb, loss)
+        self.check_finite(loss, "strategy-adjusted loss")
+        return loss
+
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -99,17 +160,13 @@ class EmbeddingModule(pl.LightningModule):
         index = self.cluster_state.index
         return index.variance if index is not None else float("nan")
 
-    def magnet_probabilities(self, emb: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
-        """Magnet-rule class probabilities, using only the clusters of ``classes`` when given."""
+    def magnet_probabilities(self, emb: torch.Tensor) -> torch.Tensor:
+        """Magnet-rule class probabilities over every cluster of the current index."""
         index = self.cluster_state.index
-        centroids, labels = index.centroids, index.centroid_labels
-        if classes is not None:
-            keep = torch.isin(labels, torch.tensor(classes))
-            centroids, labels = centroids[keep], labels[keep]
         var = self.eval_variance()
         if not var > 0:
             raise RuntimeError("no positive variance for the magnet rule; was the model trained?")
-        return magnet_predict(emb.cpu(), centroids, labels, var, self.num_classes, self.L)
+        return magnet_predict(emb.cpu(), index.centroids, index.centroid_labels, var, self.num_classes, self.L)
 
     def classifier_logits(self, emb: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -154,9 +211,14 @@ class EmbeddingModule(pl.LightningModule):
         emb, y, logits = self._gather_outputs()
         values = self.validation_accuracy(emb, y, logits)
         values["acc"] = self.primary_val_metric(values)
-        if self.trainer.state.fn == "fit" and self.current_epoch < self.selection_start_epoch():
-            values["acc"] = 0.0  # never select a warm-up or pre-split checkpoint
+        if self.trainer.state.fn == "fit" and not self.selectable():
+            values["acc"] = 0.0  # never select a warm-up or pre-split checkpoint, nor one measured on a stale index
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+
+    def selectable(self) -> bool:
+        if self.current_epoch < self.selection_start_epoch():
+            return False
+        return self.index_fresh or not self.uses_training_index
 
     def on_test_epoch_end(self):
         if not self._eval_outputs:

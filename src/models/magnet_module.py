@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler
 from src.models.components.magnet_loss import MagnetLoss
 from src.models.embedding_module import EmbeddingModule
 
@@ -43,7 +44,12 @@ class MagnetModule(EmbeddingModule):
         return super().eval_variance()
 
     def in_warmup(self) -> bool:
-        return self.current_epoch < self.warmup_epochs or self.cluster_state.index is None
+        return self.current_epoch < self.warmup_epochs
+
+    def train_batch_sampler(self, num_examples, seed, increment, rank, world_size):
+        return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,
+                                         random_clusters=self.random_clusters, rank=rank, world_size=world_size,
+                                         increment=increment)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.bn_mode == "frozen" and not self.in_warmup():
@@ -63,14 +69,6 @@ class MagnetModule(EmbeddingModule):
         self.update_running_variance(variance)
         self.log_dict({"train/magnet": loss, "train/sigma2": variance.detach()}, prog_bar=True)
         return self.observe(batch, emb, loss)
-
-    def observe(self, batch, emb, loss):
-        """A continual strategy may add to the loss (e.g. distillation)."""
-        if self.strategy is None:
-            return loss
-        loss = self.strategy.observe(self, batch, emb, loss)
-        self.check_finite(loss, "strategy-adjusted loss")
-        return loss
 
     @torch.no_grad()
     def update_running_variance(self, variance: torch.Tensor) -> None:

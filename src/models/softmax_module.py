@@ -15,8 +15,8 @@ class SoftmaxModule(EmbeddingModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        logits = self.net.classifier(self(x))
-        loss = F.cross_entropy(logits, y)
+        emb = self(x)
+        loss = F.cross_entropy(self.net.classifier(emb), y)
         self.check_finite(loss, "cross-entropy loss")
         self.log("train/ce", loss, prog_bar=True)
-        return loss
+        return self.observe(batch, emb, loss)

@@ -22,8 +22,8 @@ class TripletModule(EmbeddingModule):
         if self.current_epoch < self.warmup_epochs:
             # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
             # from undoing the warm-up's embedding)
-            return self.warmup_loss(emb, y)
+            return self.observe(batch, emb, self.warmup_loss(emb, y))
         loss = self.loss(emb, y, self.miner(emb, y))
         self.check_finite(loss, "triplet loss")
         self.log("train/triplet", loss, prog_bar=True)
-        return loss
+        return self.observe(batch, emb, loss)

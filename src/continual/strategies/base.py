@@ -31,15 +31,20 @@ class Strategy:
         for c in datamodule.classes_of_increment(t):
             self.stored_centroids[c] = index.centroids[index.centroid_labels == c].clone()
 
+    def uses_fresh_centroids(self, c: int, index) -> bool:
+        """Does class ``c`` take its centroids from the current index (else: those stored when last trained)?
+        Here: whenever the index holds the class (it was trained on, or replayed in, this increment)."""
+        return bool((index.centroid_labels == c).any())
+
     def eval_centroids(self, seen_classes: list[int], module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centroids and their labels for the magnet rule over ``seen_classes``: the current index for
-        classes it holds (fresh), the centroids stored when last trained for the others (stale)."""
+        """Centroids and their labels for the magnet rule over ``seen_classes``: fresh ones from the current
+        index or stale ones stored at the end of the class's increment, as ``uses_fresh_centroids`` says."""
         index = module.cluster_state.index
         cents, labels = [], []
         for c in seen_classes:
-            fresh = index.centroid_labels == c
-            cent = index.centroids[fresh] if fresh.any() else self.stored_centroids.get(c)
-            if cent is None:
+            fresh = self.uses_fresh_centroids(c, index) or c not in self.stored_centroids
+            cent = index.centroids[index.centroid_labels == c] if fresh else self.stored_centroids[c]
+            if len(cent) == 0:
                 continue
             cents.append(cent)
             labels.append(torch.full((len(cent),), c, dtype=torch.long))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from src.callbacks.recluster import embed_images
+from src.models.embed import embed_images
 from src.continual.strategies.distill import Distill
 
 
@@ -26,7 +26,7 @@ class MagnetMemory(Distill):
         out = {}
         for c, idx in self.memory.items():
             images, _ = datamodule.pool_arrays(idx)
-            out[c] = embed_images(module, datamodule, images).cpu()
+            out[c] = embed_images(module, datamodule.transform, images).cpu()
         return out
 
     def end_task(self, t, module, datamodule):
@@ -38,30 +38,23 @@ class MagnetMemory(Distill):
         super().end_task(t, module, datamodule)  # stores the new classes' centroids, updates the memory
         self.exemplar_embeddings = self._embed_memory(module, datamodule)
 
-    def eval_centroids(self, seen_classes, module):
-        """Old classes: their stored, drift-compensated clusters (computed on all of their data), not
-        clusters of the few exemplars; classes of the current increment: the fresh index."""
-        index = module.cluster_state.index
-        cents, labels = [], []
-        for c in seen_classes:
-            if c in self.current_classes or c not in self.stored_centroids:
-                cent = index.centroids[index.centroid_labels == c]
-            else:
-                cent = self.stored_centroids[c]
-            cents.append(cent)
-            labels.append(torch.full((len(cent),), c, dtype=torch.long))
-        return torch.cat(cents), torch.cat(labels)
+    def uses_fresh_centroids(self, c, index):
+        # Old classes keep the clusters computed on all their data (drift-compensated); the few exemplars
+        # in the current index would describe them worse.
+        return c in self.current_classes
 
     def begin_task(self, t, module, datamodule):
         self.current_classes = datamodule.classes_of_increment(t)
         super().begin_task(t, module, datamodule)
 
     def state_dict(self):
-        return {**super().state_dict(), "exemplar_embeddings": self.exemplar_embeddings}
+        return {**super().state_dict(), "exemplar_embeddings": self.exemplar_embeddings,
+                "current_classes": self.current_classes}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.exemplar_embeddings = state["exemplar_embeddings"]
+        self.current_classes = state["current_classes"]  # src.eval re-evaluates the saved increment with them
 
 
 def shift_centroids(centroids: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

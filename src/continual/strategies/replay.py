@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from src.callbacks.recluster import embed_images
 from src.continual.strategies.base import Strategy
+from src.models.embed import embed_images
+from src.utils.seeding import stream_generator
 
 
 def herding(emb: torch.Tensor, m: int) -> torch.Tensor:
@@ -30,15 +31,14 @@ def herding(emb: torch.Tensor, m: int) -> torch.Tensor:
 class Replay(Strategy):
     name = "replay"
 
-    def __init__(self, buffer_size: int = 500, selection: str = "herding", **kwargs):
+    def __init__(self, buffer_size: int = 500, selection: str = "herding", seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if buffer_size < 0:
             raise ValueError(f"strategy.buffer_size must be >= 0, got {buffer_size}")
         if selection not in ("herding", "random"):
             raise ValueError(f"strategy.selection must be herding or random, got {selection!r}")
-        self.buffer_size, self.selection = buffer_size, selection
+        self.buffer_size, self.selection, self.seed = buffer_size, selection, seed
         self.memory: dict[int, torch.Tensor] = {}  # class -> indices into the CIFAR train array, best first
-        self.generator = torch.Generator().manual_seed(0)
 
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
@@ -60,22 +60,22 @@ class Replay(Strategy):
         m = self.per_class(len(self.memory) + len(new_classes))
         for c in list(self.memory):  # shrink old classes: herding order means a prefix is still herded
             self.memory[c] = self.memory[c][:m]
-        raw_y = datamodule.load_raw()["train_y"] if datamodule._raw is None else datamodule._raw["train_y"]
+        pool_labels = datamodule.train_labels(datamodule.train_pool)
+        g = stream_generator(self.seed, "exemplars", t)  # a function of (seed, increment): resume draws the same
         for c in new_classes:
-            pool = datamodule.train_pool[raw_y[datamodule.train_pool] == c]
+            pool = datamodule.train_pool[pool_labels == c]
             if self.selection == "random":
-                pick = torch.randperm(len(pool), generator=self.generator)[:m]
+                pick = torch.randperm(len(pool), generator=g)[:m]
             else:
                 images, _ = datamodule.pool_arrays(pool)
-                emb = embed_images(module, datamodule, images).cpu()
+                emb = embed_images(module, datamodule.transform, images).cpu()
                 pick = herding(emb, m)
             self.memory[c] = pool[pick]
         datamodule.memory_indices = self.memory_indices()
 
     def state_dict(self):
-        return {**super().state_dict(), "memory": self.memory, "generator": self.generator.get_state()}
+        return {**super().state_dict(), "memory": self.memory}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.memory = state["memory"]
-        self.generator.set_state(state["generator"])

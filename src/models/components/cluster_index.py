@@ -19,6 +19,7 @@ class ClusterIndex:
     centroid_labels: torch.Tensor  # [C] long
     assignments: torch.Tensor  # [N] long: cluster of each training position
     variance: float = float("nan")  # sum of squared distances to own centroid / (N - 1)
+    seed: int = 0  # k-means seed it was built with: the test repeats the selected epoch's clustering exactly
     impostor_ranking: torch.Tensor = field(init=False)  # [C, R]: other-class clusters, nearest first (-1 pads)
 
     def __post_init__(self):
@@ -34,11 +35,12 @@ class ClusterIndex:
 
     def state_dict(self) -> dict:
         return {"centroids": self.centroids, "centroid_labels": self.centroid_labels,
-                "assignments": self.assignments, "variance": self.variance}
+                "assignments": self.assignments, "variance": self.variance, "seed": self.seed}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> ClusterIndex:
-        return cls(state["centroids"], state["centroid_labels"], state["assignments"], state.get("variance", float("nan")))
+        return cls(state["centroids"], state["centroid_labels"], state["assignments"], state.get("variance", float("nan")),
+                   state.get("seed", 0))
 
 
 def rank_impostors(centroids: torch.Tensor, centroid_labels: torch.Tensor) -> torch.Tensor:
@@ -97,19 +99,32 @@ def build_cluster_index(embeddings: torch.Tensor, labels: torch.Tensor, k: int, 
     centroids = torch.stack(centroids)
     spread = (emb - centroids[assignments]).pow(2).sum()
     variance = float(spread / max(len(labels) - 1, 1))
-    return ClusterIndex(centroids, torch.tensor(centroid_labels, dtype=torch.long), assignments, variance)
+    return ClusterIndex(centroids, torch.tensor(centroid_labels, dtype=torch.long), assignments, variance, seed)
 
 
 class ClusterState:
-    """What the sampler, the loss and the callback share: the current index and per-example losses."""
+    """What the sampler, the loss and the callback share: the current index and per-example losses.
+
+    The per-example losses are sized by the index: a new index over a different training set (the next
+    increment) starts them afresh, one over the same set keeps them for the sampler's seed choice."""
 
     def __init__(self, num_examples: int = 0):
-        self.index: ClusterIndex | None = None
+        self._index: ClusterIndex | None = None
         self.example_losses = torch.full((num_examples,), float("nan"))
 
-    def reset(self, num_examples: int) -> None:
-        self.index = None
-        self.example_losses = torch.full((num_examples,), float("nan"))
+    @property
+    def index(self) -> ClusterIndex | None:
+        return self._index
+
+    @index.setter
+    def index(self, index: ClusterIndex | None) -> None:
+        if index is not None and len(self.example_losses) != len(index.assignments):
+            self.example_losses = torch.full((len(index.assignments),), float("nan"))
+        self._index = index
+
+    def reset(self) -> None:
+        self._index = None
+        self.example_losses = torch.full((0,), float("nan"))
 
     def record_losses(self, positions: torch.Tensor, losses: torch.Tensor) -> None:
         self.example_losses[positions.cpu()] = losses.detach().float().cpu()
@@ -129,5 +144,5 @@ class ClusterState:
         return {"index": None if self.index is None else self.index.state_dict(), "example_losses": self.example_losses}
 
     def load_state_dict(self, state: dict) -> None:
-        self.index = None if state.get("index") is None else ClusterIndex.from_state_dict(state["index"])
+        self._index = None if state.get("index") is None else ClusterIndex.from_state_dict(state["index"])
         self.example_losses = state["example_losses"]

@@ -1,0 +1,44 @@
+"""One pass of a model over a set of uint8 images: what re-clustering, evaluation and the continual
+strategies (exemplar selection, drift compensation) all need."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch_size: int = 500,
+                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
+    """Embeddings of ``images`` (uint8, ``transform(x, train=False)``, no augmentation) in eval mode.
+
+    With ``recalibrate_bn`` the BatchNorm layers run in train mode with a cumulative average instead:
+    the embeddings then use iid batch statistics and the running statistics are re-estimated on the
+    way, in the same single pass. Neighbourhood batches hold few, similar classes, so the statistics
+    BN gathered during training are biased; this undoes that before clustering and evaluation. The
+    result does not depend on the running statistics the model had before, so the pass is a pure
+    function of the weights: repeating it on a checkpoint reproduces the same embeddings."""
+    rank, world = shard
+    positions = torch.arange(rank, len(images), world)
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved_momentum = [bn.momentum for bn in bns]
+    if recalibrate_bn:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+    out = []
+    task = progress.add_task("embedding pass", total=len(positions)) if progress is not None else None
+    for start in range(0, len(positions), batch_size):
+        idx = positions[start : start + batch_size]
+        x = transform(images[idx].to(device, non_blocking=True), train=False)
+        out.append(module(x).float())
+        if task is not None:
+            progress.advance(task, len(idx))
+    for bn, mom in zip(bns, saved_momentum):
+        bn.momentum = mom
+    module.train(was_training)
+    if out:
+        return torch.cat(out)
+    return torch.empty(0, getattr(getattr(module, "net", module), "embedding_dim", 0), device=device)

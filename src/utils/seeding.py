@@ -1,0 +1,26 @@
+"""One place that turns the run's ``seed`` into the seed of each random stream.
+
+Every stream (augmentation and dropout, batch order, neighbourhood sampling, k-means, exemplar
+selection) is keyed by (seed, stream, increment, epoch, rank), so no two increments or epochs replay
+the same draws, and a resumed run draws exactly what the uninterrupted one would have drawn."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+STREAMS = ("global", "batches", "kmeans", "exemplars")
+
+
+def stream_seed(seed: int, stream: str, increment: int | None = 0, epoch: int = 0, rank: int = 0) -> int:
+    """A 63-bit seed for one stream; ``increment=None`` (a run that is not continual) counts as 0."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
+    key = [int(seed) & 0xFFFFFFFF, zlib.crc32(stream.encode()), int(increment or 0), int(epoch), int(rank)]
+    high, low = (int(w) for w in np.random.SeedSequence(key).generate_state(2, dtype=np.uint32))
+    return ((high << 32) | low) & (2**63 - 1)
+
+
+def stream_generator(seed: int, stream: str, increment: int | None = 0, epoch: int = 0, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, stream, increment, epoch, rank))
