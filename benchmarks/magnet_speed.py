@@ -21,9 +21,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from src.callbacks.recluster import ReclusterCallback
-from src.models.embed import embed_images
 from src.data.cifar10_datamodule import default_data_dir
 from src.models.components.cluster_index import build_cluster_index, kmeans_assign
+from src.models.embed import embed_images
 from src.utils.compose import compose
 
 HAVE_REAL_DATA = (Path(default_data_dir()) / "cifar-10-batches-py" / "test_batch").is_file()

@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 

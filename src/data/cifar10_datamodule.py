@@ -61,6 +61,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         input_size: int | None = None,
         keep_on_device: bool = True,
         seed: int = 0,
+        test_split: str = "test",
     ):
         super().__init__()
         self.data_dir = Path(data_dir) if data_dir else Path(default_data_dir())
@@ -71,6 +72,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.classes_per_increment = classes_per_increment
         self.cumulative = cumulative
         self.augment, self.keep_on_device, self.seed = augment, keep_on_device, seed
+        if test_split not in ("test", "val"):
+            raise ValueError(f"data.test_split must be test or val, got {test_split!r}")
+        self.test_split = test_split  # val: the test procedure on the validation split (src.eval split=val)
         self.transform = BatchTransform(MEAN, STD, crop_padding=crop_padding, input_size=input_size)
         self._validate()
         self.increment = increment
@@ -235,7 +239,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self.eval_loader(*self.val_arrays())
 
     def test_dataloader(self) -> InMemoryLoader:
-        return self.eval_loader(*self.test_arrays())
+        return self.eval_loader(*(self.val_arrays() if self.test_split == "val" else self.test_arrays()))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y, idx = batch

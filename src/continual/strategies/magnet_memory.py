@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from src.models.embed import embed_images
 from src.continual.strategies.distill import Distill
+from src.models.embed import embed_images
 
 
 class MagnetMemory(Distill):

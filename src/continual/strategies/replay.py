@@ -61,17 +61,17 @@ class Replay(Strategy):
         for c in list(self.memory):  # shrink old classes: herding order means a prefix is still herded
             self.memory[c] = self.memory[c][:m]
         pool_labels = datamodule.train_labels(datamodule.train_pool)
-        g = stream_generator(self.seed, "exemplars", t)  # a function of (seed, increment): resume draws the same
         for c in new_classes:
-            pool = datamodule.train_pool[pool_labels == c]
-            if self.selection == "random":
-                pick = torch.randperm(len(pool), generator=g)[:m]
-            else:
-                images, _ = datamodule.pool_arrays(pool)
-                emb = embed_images(module, datamodule.transform, images).cpu()
-                pick = herding(emb, m)
-            self.memory[c] = pool[pick]
+            self.memory[c] = self.select_exemplars(datamodule.train_pool[pool_labels == c], m, t, module, datamodule)
         datamodule.memory_indices = self.memory_indices()
+
+    def select_exemplars(self, pool: torch.Tensor, m: int, t: int, module, datamodule) -> torch.Tensor:
+        """``m`` of the CIFAR train indices in ``pool`` (one class), best first."""
+        if self.selection == "random":
+            # a function of (seed, increment, class pool): a resumed run draws the same
+            return pool[torch.randperm(len(pool), generator=stream_generator(self.seed, "exemplars", t))[:m]]
+        images, _ = datamodule.pool_arrays(pool)
+        return pool[herding(embed_images(module, datamodule.transform, images).cpu(), m)]
 
     def state_dict(self):
         return {**super().state_dict(), "memory": self.memory}

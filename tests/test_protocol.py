@@ -1,0 +1,239 @@
+"""The evaluation protocol: full-size neighbourhood batches, validation measured like the test, randomness
+keyed by increment, strategies honoured by every model, and no part silently missing."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler, draw_members, split_quota
+from src.models.components.cluster_index import ClusterState, build_cluster_index
+from tests.conftest import compose
+
+FAKE = ["data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false"]
+CONTINUAL = ["experiment=continual_5x2", "data=fake", "data.subset_size=null", "data.val_size=50",
+             "data.train_per_class=30", "data.test_per_class=10", "callbacks.rich_progress_bar=null",
+             "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4"]
+
+
+# ---- 1. every neighbourhood batch holds M*D images ------------------------------------------------------
+def two_class_increment(k: int, per_class: int = 500):
+    """Embeddings of a two-class increment (1,000 images, as in continual_5x2) clustered with K per class."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 7]).repeat_interleave(per_class)
+    emb = torch.randn(len(labels), 8, generator=g) + 4 * (labels[:, None] == 7)
+    state = ClusterState()
+    state.index = build_cluster_index(emb, labels, k=k, seed=0)
+    return state, labels
+
+
+@pytest.mark.parametrize("k, clusters_per_batch", [(1, 2), (2, 3)])
+def test_two_class_increment_batches_are_full_size(k, clusters_per_batch):
+    """M=6, D=8 (continual_5x2): a two-class increment offers the seed cluster and only K impostors. The
+    batch used to shrink to 16 (K=1) or 24 (K=2) images; now the chosen clusters supply all 48."""
+    state, labels = two_class_increment(k)
+    sampler = NeighbourhoodBatchSampler(state, len(labels), m=6, d=8, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == -(-1000 // 48)
+    index = state.index
+    for batch in batches:
+        assert len(batch) == 48
+        clusters = index.assignments[batch]
+        # contiguous blocks in cluster order: the seed cluster first, then its impostors
+        changes = int((clusters[1:] != clusters[:-1]).sum())
+        assert changes == clusters_per_batch - 1
+        blocks = torch.unique_consecutive(clusters, return_counts=True)[1].tolist()
+        assert blocks == split_quota(48, clusters_per_batch)
+        assert set(labels[batch].tolist()) == {3, 7}
+        for c in clusters.unique():  # clusters hold >= 250 images: never a repeated image
+            picked = batch[clusters == c]
+            assert len(picked.unique()) == len(picked)
+
+
+def test_split_quota_and_draws_match_a_slow_reference():
+    for total in (48, 50, 7):
+        for parts in range(1, 8):
+            quota = split_quota(total, parts)
+            assert sum(quota) == total and max(quota) - min(quota) <= 1 and quota == sorted(quota, reverse=True)
+    g = torch.Generator().manual_seed(1)
+    pool = torch.arange(100, 105)
+    drawn = draw_members(pool, 12, g)
+    # without replacement while the pool lasts: the first 5 are the whole pool, the rest repeat members
+    assert sorted(drawn[:5].tolist()) == pool.tolist() and set(drawn[5:].tolist()) <= set(pool.tolist())
+    assert len(draw_members(pool, 3, g).unique()) == 3
+
+
+def test_random_batches_before_the_index_are_full_size_too():
+    sampler = NeighbourhoodBatchSampler(ClusterState(), 100, m=6, d=8)
+    assert [len(b) for b in sampler] == [48, 48, 48]
+
+
+# ---- 2. the checkpoint is chosen on the measurement that is reported --------------------------------------
+def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path):
+    """Re-evaluating the selected checkpoint with the test-time procedure (fresh embedding pass with the BN
+    re-estimation, k-means with the seed of its epoch, final K) on the validation split gives exactly the
+    val/acc it was selected on."""
+    from src.eval import evaluate
+    from src.train import train
+
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.clusters.K=2",
+            "model.clusters.split_fraction=0.5", "model.clusters.M=4", "model.clusters.D=4"]
+    results = train(compose(args, tmp_path / "run"))
+    ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] >= 2  # selection starts at the split, floor(0.5 * 4) = 2
+    ev = evaluate(compose([f"ckpt_path={results['best_checkpoint']}", "split=val"], tmp_path / "eval",
+                          config_name="eval.yaml"))
+    assert ev["val/magnet_acc"] == pytest.approx(results["val/best"], abs=1e-4)
+    assert 0.1 < results["val/best"] < 1.0  # a real measurement, not a constant
+
+
+def test_one_embedding_pass_per_epoch(tmp_path, monkeypatch):
+    from src.callbacks import recluster
+    from src.train import train
+
+    passes = []
+    original = recluster.embed_images
+    monkeypatch.setattr(recluster, "embed_images", lambda *a, **k: passes.append(1) or original(*a, **k))
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.clusters.K=2",
+            "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "test=false"]
+    train(compose(args, tmp_path / "run"))
+    assert len(passes) == 4  # the end of the warm-up epoch and of each of the 3 magnet epochs
+
+
+# ---- 5. randomness keyed by (seed, increment, epoch) ------------------------------------------------------
+def test_increments_draw_different_batches_and_seeds():
+    from types import SimpleNamespace
+
+    from src.callbacks.epoch_seed import EpochSeed
+    from src.callbacks.recluster import ReclusterCallback
+    from src.data.fake_datamodule import FakeDataModule
+
+    dm = FakeDataModule(train_per_class=30, test_per_class=5, val_size=50, subset_size=None, seed=3)
+    orders = {}
+    for t in (0, 1, 0):
+        dm.increment = t
+        orders.setdefault(t, []).append(torch.cat(list(dm.train_dataloader().batch_sampler)))
+    assert len(orders[0][0]) == len(orders[1][0]) == 50  # the same positions 0..49 in both increments
+    assert torch.equal(orders[0][0], orders[0][1]) and not torch.equal(orders[0][0], orders[1][0])
+
+    state, labels = two_class_increment(2, per_class=50)
+    a, b = (list(NeighbourhoodBatchSampler(state, len(labels), 3, 4, seed=3, increment=t)) for t in (0, 1))
+    assert any(not torch.equal(x, y) for x, y in zip(a, b))
+
+    def trainer_at(t, epoch=0):
+        return SimpleNamespace(datamodule=SimpleNamespace(increment=t), current_epoch=epoch, global_rank=0)
+
+    seeds = {(t, e): ReclusterCallback(seed=3).kmeans_seed(trainer_at(t), e) for t in (0, 1) for e in (0, 1)}
+    assert len(set(seeds.values())) == 4
+    draws = []
+    for t in (0, 1, 0):
+        EpochSeed(3).on_train_epoch_start(trainer_at(t), None)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+def test_replay_random_selection_depends_on_the_increment():
+    from src.continual.strategies.replay import Replay
+
+    pool = torch.arange(1000, 1400)
+    strat = Replay(buffer_size=20, selection="random", seed=5)
+    first, again, later = (strat.select_exemplars(pool, 10, t, None, None) for t in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, later)
+    assert set(first.tolist()) <= set(pool.tolist()) and len(first.unique()) == 10
+
+
+# ---- 6. no silent no-ops and no hidden coupling -------------------------------------------------------------
+@pytest.mark.parametrize("model", ["softmax", "triplet"])
+def test_every_model_honours_its_strategy(tmp_path, monkeypatch, model):
+    from src.continual.strategies.distill import Distill
+    from src.train import train
+
+    calls = []
+    original = Distill.observe
+
+    def counting(self, module, batch, embeddings, loss):
+        out = original(self, module, batch, embeddings, loss)
+        calls.append(self.teacher is not None and not torch.equal(out, loss))
+        return out
+
+    monkeypatch.setattr(Distill, "observe", counting)
+    train(compose([*CONTINUAL, f"model={model}", "strategy=distill", "debug=fdr"], tmp_path / model))
+    assert calls and any(calls)  # called in every increment, and changed the loss once a teacher existed
+
+
+def test_missing_recluster_callback_is_one_clear_line(tmp_path):
+    from src.train import train
+
+    with pytest.raises(ValueError, match=r"needs the re-clustering callback.*callbacks.recluster") as e:
+        train(compose(["experiment=magnet_cifar10", *FAKE, "debug=fdr", "~callbacks.recluster"], tmp_path / "a"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"needs the re-clustering callback.*callbacks.recluster"):
+        train(compose([*CONTINUAL, "strategy=naive", "debug=fdr", "~callbacks.recluster"], tmp_path / "b"))
+
+
+def test_datamodule_batches_without_any_callback():
+    """The datamodule gets its sampler from the model it trains (none here: iid batches), not from a
+    factory a callback installed."""
+    from src.data.fake_datamodule import FakeDataModule
+
+    dm = FakeDataModule(train_per_class=30, test_per_class=5, val_size=50, subset_size=None, batch_size=16)
+    batches = [b[0] for b in dm.train_dataloader()]
+    assert [len(b) for b in batches] == [16] * 15 + [10]  # 250 training images (50 held out for validation)
+
+
+def test_sampler_errors_name_existing_keys(make_cfg):
+    from src.train import train
+
+    with pytest.raises(Exception, match=r"model\.clusters\.D must be >= 1") as e:
+        train(make_cfg("experiment=magnet_cifar10", "debug=fdr", *FAKE, "model.clusters.D=0"))
+    root = e.value
+    while root.__cause__ is not None:
+        root = root.__cause__
+    assert "model.sampler" not in str(root)
+    cfg = make_cfg("experiment=magnet_cifar10")
+    assert "D" in cfg.model.clusters and "sampler" not in cfg.model
+
+
+def test_eval_reevaluates_a_continual_state(tmp_path):
+    from src.eval import evaluate
+    from src.train import train
+
+    run = train(compose([*CONTINUAL, "strategy=magnet_memory", "strategy.buffer_size=20", "debug=fdr"], tmp_path / "cl"))
+    ev = evaluate(compose([f"ckpt_path={tmp_path / 'cl' / 'continual_state.pt'}"], tmp_path / "ev", config_name="eval.yaml"))
+    assert ev["completed_increments"] == 5
+    for key in ("class_il", "task_il", "class_il_val", "task_il_val"):
+        assert ev[key]["R"][4] == pytest.approx(run[key]["R"][4], abs=1e-6), key
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert saved["class_il"]["average_accuracy"] == pytest.approx(run["class_il"]["average_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("content, what", [
+    ({"state_dict": {}, "epoch": 3}, "a Lightning checkpoint without this project's run config"),
+    ({"w": torch.zeros(2)}, "a plain state dict of 1 tensors"),
+    ({"completed": 1, "R_cil": None}, "a continual_state.pt written before run configs"),
+])
+def test_eval_error_for_a_file_without_config_says_what_it_is(tmp_path, content, what):
+    from src.eval import evaluate
+
+    path = tmp_path / "thing.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=f"carries no run config: it is {what}") as e:
+        evaluate(compose([f"ckpt_path={path}"], tmp_path / "ev", config_name="eval.yaml"))
+    assert "\n" not in str(e.value)
+    path.write_text("not a torch file")
+    with pytest.raises(ValueError, match="is not a torch file"):
+        evaluate(compose([f"ckpt_path={path}"], tmp_path / "ev", config_name="eval.yaml"))
+
+
+def test_continual_results_carry_validation_matrices(tmp_path):
+    import numpy as np
+
+    from src.train import train
+
+    res = train(compose([*CONTINUAL, "strategy=naive", "debug=fdr"], tmp_path / "cl"))
+    saved = json.loads((Path(tmp_path) / "cl" / "results.json").read_text())
+    for key in ("class_il_val", "task_il_val"):
+        R = np.array(saved[key]["R"], dtype=float)
+        assert R.shape == (5, 5) and np.isfinite(R[np.tril_indices(5)]).all()
+    assert 0 <= res["final_class_il_accuracy_val"] <= 1
+    assert "class_il_val" in (tmp_path / "cl" / "accuracy_matrix.csv").read_text()
