@@ -206,6 +206,12 @@ def test_eval_reevaluates_a_continual_state(tmp_path):
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert saved["class_il"]["average_accuracy"] == pytest.approx(run["class_il"]["average_accuracy"], abs=1e-6)
 
+    from src.continual.centroid_choice import main as centroid_choice
+
+    choices = centroid_choice([str(tmp_path / "cl" / "continual_state.pt")])
+    assert len(choices) == 4 and all(0 <= v <= 1 for v in choices.values())
+    assert choices["strategy's own"] == pytest.approx(run["final_class_il_accuracy_val"], abs=1e-6)
+
 
 @pytest.mark.parametrize("content, what", [
     ({"state_dict": {}, "epoch": 3}, "a Lightning checkpoint without this project's run config"),
