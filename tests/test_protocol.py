@@ -243,3 +243,37 @@ def test_continual_results_carry_validation_matrices(tmp_path):
         assert R.shape == (5, 5) and np.isfinite(R[np.tril_indices(5)]).all()
     assert 0 <= res["final_class_il_accuracy_val"] <= 1
     assert "class_il_val" in (tmp_path / "cl" / "accuracy_matrix.csv").read_text()
+
+
+def test_recluster_schedule_and_stale_indices_are_not_selectable():
+    """every_n_epochs=2 re-clusters at the end of the last warm-up epoch, every second epoch after it and
+    after the last epoch; an epoch validated on an older index can never be selected."""
+    from types import SimpleNamespace
+
+    from src.callbacks.recluster import ReclusterCallback
+
+    module = SimpleNamespace(warmup_epochs=2, trainer=SimpleNamespace(max_epochs=8))
+    due = [e for e in range(8) if ReclusterCallback(every_n_epochs=2).due_after(e, module)]
+    assert due == [1, 3, 5, 7]
+    module.trainer.max_epochs = 7
+    assert [e for e in range(7) if ReclusterCallback(every_n_epochs=2).due_after(e, module)] == [1, 3, 5, 6]
+    assert [e for e in range(4) if ReclusterCallback().due_after(e, module)] == [1, 2, 3]
+
+    import hydra
+
+    from src.models.magnet_module import MagnetModule
+    from src.utils.compose import compose as compose_cfg
+
+    model = hydra.utils.instantiate(compose_cfg(["model.clusters.split_fraction=null", "model.warmup_epochs=1"],
+                                                Path("/tmp/unused")).model)
+    assert isinstance(model, MagnetModule)
+    for epoch, fresh, expected in [(0, True, False), (1, False, False), (1, True, True)]:
+        model.index_fresh = fresh
+        assert model_selectable_at(model, epoch) is expected
+
+
+def model_selectable_at(model, epoch: int) -> bool:
+    from unittest import mock
+
+    with mock.patch.object(type(model), "current_epoch", new_callable=mock.PropertyMock, return_value=epoch):
+        return model.selectable()
