@@ -262,10 +262,9 @@ def test_recluster_schedule_and_stale_indices_are_not_selectable():
     import hydra
 
     from src.models.magnet_module import MagnetModule
-    from src.utils.compose import compose as compose_cfg
 
-    model = hydra.utils.instantiate(compose_cfg(["model.clusters.split_fraction=null", "model.warmup_epochs=1"],
-                                                Path("/tmp/unused")).model)
+    model = hydra.utils.instantiate(compose(["model.clusters.split_fraction=null", "model.warmup_epochs=1"],
+                                            Path("/tmp/unused")).model)
     assert isinstance(model, MagnetModule)
     for epoch, fresh, expected in [(0, True, False), (1, False, False), (1, True, True)]:
         model.index_fresh = fresh
