@@ -38,12 +38,14 @@ def fmt(values: list[float], pct: bool = True) -> str:
 
 
 def table(groups: dict[str, list[dict]]) -> str:
-    lines = ["| strategy | runs | final Class-IL acc (%) | avg incremental acc (%) | forgetting (pts) | BWT (pts) | "
-             "final Task-IL acc (%) | time (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | runs | final Class-IL acc (%) | final Class-IL acc on validation (%) | avg incremental acc (%) | "
+             "forgetting (pts) | BWT (pts) | final Task-IL acc (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         cil = [r["class_il"] for r in runs]
+        # what settings are chosen on; runs from before validation was measured have none
+        val = fmt([r["class_il_val"]["average_accuracy"] for r in runs]) if all("class_il_val" in r for r in runs) else "–"
         lines.append(
-            f"| {name} | {len(runs)} | {fmt([c['average_accuracy'] for c in cil])} | "
+            f"| {name} | {len(runs)} | {fmt([c['average_accuracy'] for c in cil])} | {val} | "
             f"{fmt([c['average_incremental_accuracy'] for c in cil])} | {fmt([c['forgetting'] for c in cil])} | "
             f"{fmt([c['backward_transfer'] for c in cil])} | {fmt([r['task_il']['average_accuracy'] for r in runs])} | "
             f"{fmt([r['time/total_s'] for r in runs], pct=False)} |")
