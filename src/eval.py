@@ -93,7 +93,7 @@ def evaluate_checkpoint(checkpoint: dict, run_cfg: DictConfig, cfg: DictConfig, 
 
 
 def evaluate_continual_state(state: dict, run_cfg: DictConfig) -> dict:
-    from src.continual.runner import MATRICES, evaluate_increment, load_state, summary
+    from src.continual.runner import MATRIX_KEYS, evaluate_increment, load_state, summary
 
     datamodule = hydra.utils.instantiate(run_cfg.data)
     module = hydra.utils.instantiate(run_cfg.model)
@@ -103,13 +103,12 @@ def evaluate_continual_state(state: dict, run_cfg: DictConfig) -> dict:
     load_state(state, module, strategy)
     t = state["completed"]
     row = evaluate_increment(module, datamodule, strategy, t)
-    R = {name: state["R"][name].copy() for name in MATRICES}
-    for name in MATRICES:
+    R = {name: state["R"][name].copy() for name in MATRIX_KEYS}
+    for name in MATRIX_KEYS:
         R[name][t, : t + 1] = row[name]
     done = slice(0, t + 1)  # a run stopped early has matrices filled up to its last increment
-    names = {"cil": "class_il", "til": "task_il", "cil_val": "class_il_val", "til_val": "task_il_val"}
     out = {"completed_increments": t + 1, "reevaluated_increment": t + 1}
-    for name, key in names.items():
+    for name, key in MATRIX_KEYS.items():
         out[key] = {"R": R[name], "row_as_saved": state["R"][name][t, : t + 1].tolist(), **summary(R[name][done, done])}
     return out
 

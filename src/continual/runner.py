@@ -89,7 +89,8 @@ def save_state(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-MATRICES = ("cil", "til", "cil_val", "til_val")
+# the four accuracy matrices and their names in results.json / accuracy_matrix.csv
+MATRIX_KEYS = {"cil": "class_il", "til": "task_il", "cil_val": "class_il_val", "til_val": "task_il_val"}
 
 
 def run_continual(cfg: DictConfig) -> dict:
@@ -103,7 +104,7 @@ def run_continual(cfg: DictConfig) -> dict:
     module.strategy = strategy
     datamodule.setup()
     T = datamodule.num_increments
-    R = {name: np.full((T, T), np.nan) for name in MATRICES}
+    R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
     warmup = module.warmup_epochs
     state_path = out / "continual_state.pt"
@@ -136,7 +137,7 @@ def run_continual(cfg: DictConfig) -> dict:
         # (a magnet model's index was rebuilt from its final weights at the end of its last epoch)
         strategy.end_task(t, module, datamodule)
         row = evaluate_increment(module, datamodule, strategy, t)
-        for name in MATRICES:
+        for name in MATRIX_KEYS:
             R[name][t, : t + 1] = row[name]
         seen_acc.append(seen_accuracy(row["cil"], datamodule.test_arrays()[1], datamodule, t))
         seen_acc_val.append(seen_accuracy(row["cil_val"], datamodule.val_arrays(datamodule.seen_classes)[1], datamodule, t))
@@ -171,11 +172,8 @@ def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, t
     results = {
         "task": cfg.get("task_name"), "experiment": cfg.get("experiment_name"), "strategy": cfg.strategy.get("_target_"),
         "seed": cfg.seed,
-        "class_il": {"R": R["cil"], **summary(R["cil"])},
-        "task_il": {"R": R["til"], **summary(R["til"])},
-        # the same measurements on the validation split: what any continual setting is chosen on
-        "class_il_val": {"R": R["cil_val"], **summary(R["cil_val"])},
-        "task_il_val": {"R": R["til_val"], **summary(R["til_val"])},
+        # *_val: the same measurements on the validation split, what any continual setting is chosen on
+        **{key: {"R": R[name], **summary(R[name])} for name, key in MATRIX_KEYS.items()},
         "table": table,
         "final_class_il_accuracy": seen_acc[-1],
         "final_class_il_accuracy_val": seen_acc_val[-1],
@@ -199,7 +197,7 @@ def accuracy_matrix_csv(R: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["setting", "after_increment"] + [f"inc{j + 1}" for j in range(T)])
-    for name, label in (("cil", "class_il"), ("til", "task_il"), ("cil_val", "class_il_val"), ("til_val", "task_il_val")):
+    for name, label in MATRIX_KEYS.items():
         for i in range(T):
             w.writerow([label, i + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in R[name][i]])
     return buf.getvalue()
