@@ -86,7 +86,7 @@ def main() -> None:
     forward_s = time.perf_counter() - start
 
     class _T:  # the callback only needs these trainer attributes outside a fit
-        datamodule, global_rank, world_size, is_global_zero, current_epoch, training = dm, 0, 1, True, 1, False
+        datamodule, global_rank, world_size, is_global_zero, current_epoch, training, callbacks = dm, 0, 1, True, 1, False, []
 
     start = time.perf_counter()
     recluster.rebuild(_T, model, k=8)

@@ -9,10 +9,16 @@ from src.models.components.cluster_index import ClusterState
 from src.utils.seeding import stream_generator
 
 
-def seed_probabilities(cluster_losses: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
-    """Proportional to each cluster's mean loss, with a floor (relative to the mean) so that no cluster,
-    and never all of them, has probability zero."""
+SEED_WEIGHTS = ("mean_loss", "total_loss")
+
+
+def seed_probabilities(cluster_losses: torch.Tensor, floor: float = 1e-3,
+                       cluster_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Proportional to each cluster's mean loss (times its size, when ``cluster_sizes`` is given), with a
+    floor (relative to the mean) so that no cluster, and never all of them, has probability zero."""
     w = cluster_losses.clamp_min(0).nan_to_num(0.0)
+    if cluster_sizes is not None:
+        w = w * cluster_sizes.to(w.dtype)
     level = w.mean() if w.sum() > 0 else torch.tensor(1.0)
     w = w + floor * level
     return w / w.sum()
@@ -38,11 +44,19 @@ class NeighbourhoodBatchSampler:
 
     When fewer than M clusters can be chosen (a two-class increment has only 2K clusters, and the seed's
     own class offers no impostor), the chosen clusters supply the M*D images between them, so the batch
-    size and so the images an epoch trains on do not depend on how many classes the data holds."""
+    size and so the images an epoch trains on do not depend on how many classes the data holds.
+
+    ``seed_weight``: the paper draws the seed cluster in proportion to its loss. With clusters of similar
+    size, the mean loss (``mean_loss``) is that. With very unequal clusters (a continual increment's 500
+    images per class beside a memory of a few dozen per old class) every cluster is then seeded equally
+    often, so the few memory images are drawn several times an epoch and the new classes' images a
+    fraction of a time; ``total_loss`` (mean loss x size) seeds a cluster as often as its images earn."""
 
     def __init__(self, state: ClusterState, num_examples: int, m: int, d: int, seed: int = 0,
                  random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3,
-                 increment: int | None = None):
+                 increment: int | None = None, seed_weight: str = "mean_loss"):
+        if seed_weight not in SEED_WEIGHTS:
+            raise ValueError(f"model.clusters.seed_weight must be one of {'|'.join(SEED_WEIGHTS)}, got {seed_weight!r}")
         if m < 2:
             raise ValueError(f"model.clusters.M must be >= 2 (a seed cluster and at least one impostor), got {m}")
         if d < 1:
@@ -52,7 +66,7 @@ class NeighbourhoodBatchSampler:
         self.state, self.n, self.m, self.d, self.seed = state, num_examples, m, d, seed
         self.random_clusters = random_clusters
         self.rank, self.world_size, self.loss_floor = rank, world_size, loss_floor
-        self.increment = increment
+        self.increment, self.seed_weight = increment, seed_weight
         self.epoch = 0
 
     @property
@@ -75,7 +89,8 @@ class NeighbourhoodBatchSampler:
 
     def choose_clusters(self, g: torch.Generator) -> torch.Tensor:
         index = self.state.index
-        probs = seed_probabilities(self.state.cluster_losses(), self.loss_floor)
+        sizes = index.cluster_sizes() if self.seed_weight == "total_loss" else None
+        probs = seed_probabilities(self.state.cluster_losses(), self.loss_floor, sizes)
         seed_cluster = int(torch.multinomial(probs, 1, generator=g))
         ranking = index.impostor_ranking[seed_cluster]
         ranking = ranking[ranking >= 0]

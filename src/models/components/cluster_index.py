@@ -33,6 +33,9 @@ class ClusterIndex:
     def num_clusters(self) -> int:
         return self.centroids.shape[0]
 
+    def cluster_sizes(self) -> torch.Tensor:
+        return torch.tensor([len(m) for m in self.members], dtype=torch.long)
+
     def state_dict(self) -> dict:
         return {"centroids": self.centroids, "centroid_labels": self.centroid_labels,
                 "assignments": self.assignments, "variance": self.variance, "seed": self.seed}
