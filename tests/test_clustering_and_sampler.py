@@ -130,6 +130,26 @@ def test_seed_cluster_drawn_in_proportion_to_loss():
     assert abs(counts[0] / 3000 - 0.6) < 0.04 and abs(counts[1] / 3000 - 1 / 15) < 0.03
 
 
+def test_total_loss_seeds_clusters_in_proportion_to_mean_loss_times_size():
+    # a memory-like class of 8 images beside two classes of 80: with mean-loss seeding every image of the
+    # small class would be drawn far more often than the others
+    emb, labels = blobs((80, 80, 8))
+    state = ClusterState(len(labels))
+    state.index = build_cluster_index(emb, labels, k=1, seed=0)
+    state.example_losses[:] = torch.where(labels == 0, 2.0, 1.0)
+    sizes = state.index.cluster_sizes()
+    assert sizes.tolist() == [80, 80, 8]
+    # slow reference: the summed loss of each cluster's members, normalised
+    total = torch.tensor([float(state.example_losses[state.index.assignments == c].sum()) for c in range(3)])
+    probs = seed_probabilities(state.cluster_losses(), floor=0.0, cluster_sizes=sizes)
+    assert probs.tolist() == pytest.approx((total / total.sum()).tolist())
+    g = torch.Generator().manual_seed(0)
+    for weight, expected in (("total_loss", total / total.sum()), ("mean_loss", torch.tensor([0.5, 0.25, 0.25]))):
+        sampler = NeighbourhoodBatchSampler(state, len(labels), 2, 4, seed_weight=weight, loss_floor=0.0)
+        counts = torch.bincount(torch.stack([sampler.choose_clusters(g)[0] for _ in range(3000)]), minlength=3)
+        assert torch.allclose(counts / 3000, expected, atol=0.03), weight
+
+
 def test_probability_floor_never_all_zero():
     probs = seed_probabilities(torch.zeros(4))
     assert torch.allclose(probs, torch.full((4,), 0.25))
@@ -155,7 +175,8 @@ def test_ranks_draw_different_batches():
 
 
 @pytest.mark.parametrize("kw, match", [({"m": 1}, "M must be >= 2"), ({"d": 0}, "D must be >= 1"),
-                                       ({"random_clusters": 3}, "random_clusters")])
+                                       ({"random_clusters": 3}, "random_clusters"),
+                                       ({"seed_weight": "size"}, "model.clusters.seed_weight must be one of")])
 def test_invalid_sampler_settings(kw, match):
     args = {"m": 3, "d": 2, **kw}
     with pytest.raises(ValueError, match=match):

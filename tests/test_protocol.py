@@ -132,14 +132,17 @@ def test_increments_draw_different_batches_and_seeds():
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
 
 
-def test_replay_random_selection_depends_on_the_increment():
+def test_replay_random_selection_depends_on_the_increment_and_the_class():
     from src.continual.strategies.replay import Replay
 
     pool = torch.arange(1000, 1400)
     strat = Replay(buffer_size=20, selection="random", seed=5)
-    first, again, later = (strat.select_exemplars(pool, 10, t, None, None) for t in (0, 0, 1))
+    first, again, later = (strat.select_exemplars(pool, 10, t, 3, None, None) for t in (0, 0, 1))
     assert torch.equal(first, again) and not torch.equal(first, later)
     assert set(first.tolist()) <= set(pool.tolist()) and len(first.unique()) == 10
+    # the two classes of one increment: same pool positions would mean the same permutation for both
+    other_class = strat.select_exemplars(pool, 10, 0, 4, None, None)
+    assert not torch.equal(first, other_class)
 
 
 # ---- 6. no silent no-ops and no hidden coupling -------------------------------------------------------------

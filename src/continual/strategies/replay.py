@@ -62,14 +62,16 @@ class Replay(Strategy):
             self.memory[c] = self.memory[c][:m]
         pool_labels = datamodule.train_labels(datamodule.train_pool)
         for c in new_classes:
-            self.memory[c] = self.select_exemplars(datamodule.train_pool[pool_labels == c], m, t, module, datamodule)
+            self.memory[c] = self.select_exemplars(datamodule.train_pool[pool_labels == c], m, t, c, module, datamodule)
         datamodule.memory_indices = self.memory_indices()
 
-    def select_exemplars(self, pool: torch.Tensor, m: int, t: int, module, datamodule) -> torch.Tensor:
-        """``m`` of the CIFAR train indices in ``pool`` (one class), best first."""
+    def select_exemplars(self, pool: torch.Tensor, m: int, t: int, c: int, module, datamodule) -> torch.Tensor:
+        """``m`` of the CIFAR train indices in ``pool`` (class ``c``), best first."""
         if self.selection == "random":
-            # a function of (seed, increment, class pool): a resumed run draws the same
-            return pool[torch.randperm(len(pool), generator=stream_generator(self.seed, "exemplars", t))[:m]]
+            # keyed by (seed, increment, class): a resumed run draws the same, and the two classes of an
+            # increment do not share one permutation
+            g = stream_generator(self.seed, "exemplars", t, item=c)
+            return pool[torch.randperm(len(pool), generator=g)[:m]]
         images, _ = datamodule.pool_arrays(pool)
         return pool[herding(embed_images(module, datamodule.transform, images).cpu(), m)]
 
