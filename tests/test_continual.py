@@ -163,3 +163,107 @@ def test_compare_draws_one_figure_and_one_table(tmp_path):
     assert "| Naive | 1 | 50.0 |" in md
     assert "| MagnetMemory | 2 | 67.5 ± 3.5 | – |" in md  # these runs carry no validation matrix
     assert (tmp_path / "cmp.png").stat().st_size > 1000 and (tmp_path / "cmp.md").read_text() == md
+
+
+# ---- cross-entropy continual learning and DER++ ------------------------------------------------------------
+def test_logit_class_il_and_task_il_against_a_hand_computed_case():
+    from src.continual.runner import logit_cil_til_accuracies
+
+    # classes 0..3 seen, class 9 never seen but with the largest logit everywhere: it must never win
+    logits = torch.full((4, 10), -5.0)
+    logits[:, 9] = 100.0
+    logits[0, [0, 1, 2, 3]] = torch.tensor([3.0, 1.0, 0.0, 0.0])  # class 0: right either way
+    logits[1, [0, 1, 2, 3]] = torch.tensor([2.0, 1.0, 0.0, 0.0])  # class 1: wrong in both (0 wins)
+    logits[2, [0, 1, 2, 3]] = torch.tensor([4.0, 0.0, 2.0, 1.0])  # class 2: Class-IL wrong (0), Task-IL right
+    logits[3, [0, 1, 2, 3]] = torch.tensor([0.0, 0.0, 1.0, 2.0])  # class 3: right either way
+    labels = torch.tensor([0, 1, 2, 3])
+    cil, til = logit_cil_til_accuracies(logits, labels, [0, 1, 2, 3], [[0, 1], [2, 3]])
+    assert cil == [0.5, 0.5] and til == [0.5, 1.0]
+
+
+def reservoir_reference(stream_len: int, size: int, draws: list[float]) -> list[int]:
+    """Vitter's algorithm R one example at a time: the stream position held in each slot."""
+    slots: list[int] = []
+    for k in range(stream_len):
+        if k < size:
+            slots.append(k)
+        else:
+            j = int(draws[k] * (k + 1))
+            if j < size:
+                slots[j] = k
+    return slots
+
+
+def test_reservoir_buffer_matches_algorithm_r_and_keeps_stored_logits():
+    from src.continual.reservoir import ReservoirBuffer
+
+    size, batches = 7, [5, 5, 5, 5, 3]
+    buf = ReservoirBuffer(size, torch.Generator().manual_seed(3))
+    # the same uniform draws the buffer will make, batch by batch
+    g = torch.Generator().manual_seed(3)
+    draws = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for n in batches]).tolist()
+    start, snapshots = 0, []
+    for n in batches:
+        ids = torch.arange(start, start + n)
+        images = ids.view(-1, 1, 1, 1).expand(n, 1, 2, 2).to(torch.uint8)
+        buf.add(images, ids, ids.float().view(-1, 1).repeat(1, 3))
+        snapshots.append((buf.labels.clone(), buf.logits.clone()))
+        start += n
+    assert buf.labels.tolist() == reservoir_reference(start, size, draws)
+    assert len(buf) == size and buf.seen == start
+    # an example's stored logits never change while it stays in its slot (they are its logits at insertion)
+    for (lab0, log0), (lab1, log1) in zip(snapshots, snapshots[1:]):
+        same = lab0 == lab1
+        assert torch.equal(log0[same], log1[same])
+    assert torch.equal(buf.logits[:, 0].long(), buf.labels) and torch.equal(buf.images[:, 0, 0, 0].long(), buf.labels)
+
+
+def test_reservoir_keeps_each_example_with_probability_size_over_n():
+    from src.continual.reservoir import ReservoirBuffer
+
+    held = torch.zeros(40)
+    for trial in range(400):
+        buf = ReservoirBuffer(10, torch.Generator().manual_seed(trial))
+        for start in range(0, 40, 8):
+            ids = torch.arange(start, start + 8)
+            buf.add(ids.view(-1, 1), ids, torch.zeros(8, 1))
+        held[buf.labels] += 1
+    assert torch.allclose(held / 400, torch.full((40,), 0.25), atol=0.08)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "replay", "der", "joint"])
+def test_softmax_runs_the_sequence_with_logit_read_out(tmp_path, strategy):
+    extra = ["model=softmax", "debug=fdr", f"strategy={strategy}"]
+    if strategy in ("replay", "der"):
+        extra.append("strategy.buffer_size=20")
+    results = run(tmp_path, strategy, *extra)
+    R = np.array(results["class_il"]["R"], dtype=float)
+    assert np.isfinite(R[np.tril_indices(5)]).all() and np.isnan(R[np.triu_indices(5, 1)]).all()
+
+
+def test_der_fails_in_one_line_with_a_magnet_model(tmp_path):
+    with pytest.raises(ValueError, match="strategy=der needs classifier logits.*model=softmax"):
+        run(tmp_path, "der_magnet", "debug=fdr", "strategy=der", "strategy.buffer_size=20")
+
+
+def test_softmax_der_resumes_mid_sequence_to_the_same_matrix(tmp_path, monkeypatch):
+    from src.continual.strategies.der import DER
+
+    args = ["model=softmax", "strategy=der", "strategy.buffer_size=20", "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3"]
+    full = run(tmp_path, "full", *args)
+    original = DER.begin_task
+
+    def crash_at_third(self, t, module, dm):
+        if t == 2:
+            raise KeyboardInterrupt("simulated kill during increment 2")
+        return original(self, t, module, dm)
+
+    monkeypatch.setattr(DER, "begin_task", crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", *args)
+    monkeypatch.setattr(DER, "begin_task", original)
+    resumed = run(tmp_path, "resumed", *args)
+    for key in ("class_il", "task_il", "class_il_val"):
+        np.testing.assert_allclose(np.array(resumed[key]["R"], dtype=float), np.array(full[key]["R"], dtype=float),
+                                   rtol=0, atol=1e-6)

@@ -40,13 +40,33 @@ def cil_til_accuracies(emb, labels, centroids, centroid_labels, variance: float,
     return cil, til
 
 
+def logit_cil_til_accuracies(logits: torch.Tensor, labels: torch.Tensor, seen_classes: list[int],
+                             increments: list[list[int]]) -> tuple[list[float], list[float]]:
+    """For each increment's test images: Class-IL accuracy (argmax of the logits of every seen class) and
+    Task-IL accuracy (argmax over the increment's own classes). Unseen classes never compete."""
+    cil, til = [], []
+    for classes in increments:
+        rows = torch.isin(labels, torch.tensor(classes))
+        for allowed, out in ((seen_classes, cil), (classes, til)):
+            allowed = torch.tensor(sorted(allowed))
+            pred = allowed[logits[rows][:, allowed].argmax(1)]
+            out.append(float((pred == labels[rows]).float().mean()))
+    return cil, til
+
+
 def class_il_task_il(module, datamodule, strategy, t: int, images: torch.Tensor,
                      labels: torch.Tensor) -> tuple[list[float], list[float]]:
     """Class-IL and Task-IL accuracy of each increment 0..t on ``images`` (test or validation images of
-    every seen class), with the centroids the strategy chooses."""
-    emb = embed_images(module, datamodule.transform, images).cpu()
-    centroids, centroid_labels = strategy.eval_centroids(datamodule.seen_classes, module)
+    every seen class): from the classifier's logits for a model that has them, else with the magnet rule
+    on the centroids the strategy chooses."""
+    emb = embed_images(module, datamodule.transform, images)
     increments = [datamodule.classes_of_increment(j) for j in range(t + 1)]
+    if module.predicts_with_logits:
+        with torch.no_grad():
+            logits = module.classifier_logits(emb).float().cpu()
+        return logit_cil_til_accuracies(logits, labels, datamodule.seen_classes, increments)
+    emb = emb.cpu()
+    centroids, centroid_labels = strategy.eval_centroids(datamodule.seen_classes, module)
     return cil_til_accuracies(emb, labels, centroids, centroid_labels, module.eval_variance(), increments,
                               module.num_classes, module.L)
 

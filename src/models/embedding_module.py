@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class EmbeddingModule(pl.LightningModule):
     uses_training_index = False  # does training need the cluster index rebuilt during fit?
     uses_neighbourhood_sampler = False
+    predicts_with_logits = False  # continual evaluation: classifier logits (True) or the magnet rule on centroids
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, num_classes: int = 10, clusters: dict | None = None,
                  evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int = 0):

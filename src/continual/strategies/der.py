@@ -1,0 +1,77 @@
+"""DER++ (Buzzega et al., NeurIPS 2020, "Dark Experience for General Continual Learning").
+
+A reservoir buffer keeps (image, label, logits at insertion time) of the training stream. Each step adds
+    alpha * MSE(logits of buffer images now, their stored logits)        (dark knowledge)
+  + beta  * cross-entropy(logits of other buffer images, their labels)  (the "++")
+to the model's own loss, with buffer images augmented like the training batch. Defaults are the paper's
+Seq-CIFAR-10, buffer-500 values (alpha 0.2, beta 0.5; mammoth's best_args); learning rate, batch size and
+epochs stay the harness's, so DER++ gets the same budget as the other strategies.
+
+It needs classifier logits, so it runs with ``model=softmax``. Magnet models have no logits to store: the
+analogue on embeddings (MSE to stored embeddings) is a feature distillation towards an old snapshot, which
+``strategy=magnet_memory strategy.mode=feature`` already provides with a whole-model teacher, and DER's
+random buffer batches carry no cluster structure for the magnet loss' beta term."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from src.continual.reservoir import ReservoirBuffer
+from src.continual.strategies.base import Strategy
+from src.utils.seeding import stream_generator
+
+
+class DER(Strategy):
+    name = "der"
+
+    def __init__(self, buffer_size: int = 500, alpha: float = 0.2, beta: float = 0.5, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"strategy.alpha and strategy.beta must be >= 0, got {alpha}, {beta}")
+        self.alpha, self.beta, self.seed = alpha, beta, seed
+        self.buffer = ReservoirBuffer(buffer_size)
+        self._train_images: torch.Tensor | None = None  # the increment's uint8 training images, on the device
+        self._transform = None
+
+    def begin_task(self, t, module, datamodule):
+        super().begin_task(t, module, datamodule)
+        if not getattr(module, "predicts_with_logits", False):
+            raise ValueError(f"strategy=der needs classifier logits; {type(module).__name__} has none. Use model=softmax, "
+                             "or strategy=magnet_memory for a magnet model (see src/continual/strategies/der.py)")
+        # insertion decisions and buffer draws of increment t: a resumed sequence repeats them exactly
+        self.buffer.generator = stream_generator(self.seed, "exemplars", t)
+        self._train_images = datamodule.train_arrays()[0]
+        self._transform = datamodule.transform
+
+    def observe(self, module, batch, embeddings, loss):
+        x, y, positions = batch
+        logits = module.classifier_logits(embeddings)
+        if self._train_images.device != x.device:
+            self._train_images = self._train_images.to(x.device)
+        if len(self.buffer):
+            size = len(y)
+            if self.alpha:
+                images, _, stored = self.buffer.sample(size)
+                now = module.classifier_logits(module(self._transform(images, train=True)))
+                dark = F.mse_loss(now.float(), stored.float())
+                module.log("train/der_mse", dark, prog_bar=True)
+                loss = loss + self.alpha * dark
+            if self.beta:
+                images, labels, _ = self.buffer.sample(size)
+                ce = F.cross_entropy(module.classifier_logits(module(self._transform(images, train=True))), labels)
+                module.log("train/der_ce", ce)
+                loss = loss + self.beta * ce
+        # the un-augmented images go in, with the logits the model gave their augmented view (as the paper)
+        self.buffer.add(self._train_images[positions.to(self._train_images.device)], y, logits)
+        return loss
+
+    def end_task(self, t, module, datamodule):
+        super().end_task(t, module, datamodule)
+        self._train_images = None  # the next increment brings its own
+
+    def state_dict(self):
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])
