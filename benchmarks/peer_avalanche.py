@@ -1,0 +1,229 @@
+"""Avalanche's Naive, Replay and DER++ on exactly our increments, side by side with ours, from one run.
+
+    pip install -e '.[peers]'          # avalanche-lib, pinned in pyproject.toml
+    python benchmarks/peer_avalanche.py [--seed 42] [--epochs 10] [--out docs/figures/peer_avalanche]
+    python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
+
+What is shared, so that only the library differs:
+- data: the datamodule of `experiment=continual_5x2` (same 5k subset, same class order, same two classes per
+  increment, the same test images and validation split) and its augmentation (random crop + flip +
+  normalisation, applied per image for Avalanche);
+- model: the same GoogLeNet trunk and linear head (`model=softmax`), freshly initialised with the same seed;
+- optimiser: SGD with the harness's lr, momentum, Nesterov and weight decay, restarted with a one-cycle
+  schedule at each increment (as our runner does), the same batch size and epochs per increment;
+- buffers: 500 images; DER++ with alpha 0.2, beta 0.5 (the paper's Seq-CIFAR-10 buffer-500 values);
+- read-out: after each increment both libraries' models are scored by the same function
+  (`logit_cil_til_accuracies`: argmax over the seen classes' logits, Task-IL over the increment's own).
+
+What cannot be shared: Avalanche's Replay and DER draw a second mini-batch of the same size from the buffer
+at every step (so a step sees twice the images), while ours add the memory to the increment's data (replay)
+or draw buffer batches inside the step (DER++); Avalanche's Replay keeps a class-balanced random memory,
+ours a herded one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.continual.runner import logit_cil_til_accuracies, seen_accuracy, summary
+from src.utils.compose import compose
+from src.utils.io import atomic_write_text
+
+AVALANCHE_STRATEGIES = ("naive", "replay", "der")
+OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "der"), ("magnet", "replay"),
+        ("magnet", "magnet_memory"), ("magnet", "joint"))
+FAKE = ["data=fake", "data.subset_size=null", "data.val_size=50", "data.train_per_class=30", "data.test_per_class=10",
+        "callbacks.rich_progress_bar=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
+
+
+def base_overrides(args) -> list[str]:
+    over = ["experiment=continual_5x2", f"seed={args.seed}", f"trainer.max_epochs={args.epochs}",
+            "+trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"]
+    return over + (FAKE if args.fake else [])
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """(uint8 CHW image, label) pairs with the ``targets`` list Avalanche's class-incremental generator reads."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.targets = images, labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+class LogitModel(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.classifier(self.net(x))
+
+
+def run_avalanche(name: str, args, out: Path) -> dict:
+    import hydra
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+    from avalanche.training.supervised import DER, Naive, Replay
+
+    cfg = compose([*base_overrides(args), "model=softmax", "strategy=naive"], out / f"avalanche_{name}")
+    torch.manual_seed(args.seed)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup()
+    T = dm.num_increments
+    order = [c for t in range(T) for c in dm.classes_of_increment(t)]
+    train_x, train_y = [], []
+    for t in range(T):
+        dm.increment = t
+        x, y = dm.train_arrays()
+        train_x.append(x), train_y.append(y)
+    test_x, test_y = dm.test_arrays()
+    transform = dm.transform
+    bench = nc_benchmark(UInt8Images(torch.cat(train_x), torch.cat(train_y)), UInt8Images(test_x, test_y),
+                         n_experiences=T, task_labels=False, fixed_class_order=order, seed=args.seed,
+                         train_transform=lambda img: transform(img[None], train=True)[0],
+                         eval_transform=lambda img: transform(img[None], train=False)[0])
+    module = hydra.utils.instantiate(cfg.model)
+    model = LogitModel(module.net)
+    opt_cfg = cfg.model.optimizer
+    batch = int(cfg.data.batch_size)
+
+    def fresh_optimizer():
+        return torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum,
+                               nesterov=opt_cfg.nesterov, weight_decay=opt_cfg.weight_decay)
+
+    class FreshOneCycle(SupervisedPlugin):
+        """A new SGD and one-cycle schedule per increment, sized to that increment's steps (our runner's rule)."""
+
+        def before_training_exp(self, strategy, **kwargs):
+            strategy.optimizer = fresh_optimizer()
+            steps = max(args.epochs * len(strategy.dataloader), 10)
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(strategy.optimizer, max_lr=opt_cfg.lr, total_steps=steps,
+                                                             pct_start=float(cfg.model.scheduler.pct_start))
+            self.steps, self.total = 0, steps
+
+        def after_training_iteration(self, strategy, **kwargs):
+            self.steps += 1
+            if self.steps < self.total:
+                self.sched.step()
+
+    common = dict(model=model, optimizer=fresh_optimizer(), criterion=torch.nn.CrossEntropyLoss(),
+                  train_mb_size=batch, train_epochs=args.epochs, eval_mb_size=500, device="cpu",
+                  plugins=[FreshOneCycle()], evaluator=EvaluationPlugin(loggers=[]))
+    strategy = {"naive": lambda: Naive(**common),
+                "replay": lambda: Replay(mem_size=args.buffer, **common),
+                "der": lambda: DER(mem_size=args.buffer, alpha=0.2, beta=0.5, **common)}[name]()
+    R = {k: np.full((T, T), np.nan) for k in ("cil", "til", "cil_val")}
+    seen, start = [], time.perf_counter()
+    for t, experience in enumerate(bench.train_stream):
+        strategy.train(experience, num_workers=0)
+        model.eval()
+        dm.increment = t
+        increments = [dm.classes_of_increment(j) for j in range(t + 1)]
+        for key, (x, y) in (("test", (test_x, test_y)), ("val", dm.val_arrays(dm.seen_classes))):
+            with torch.no_grad():
+                logits = torch.cat([model(transform(x[i:i + 500], train=False)) for i in range(0, len(x), 500)])
+            cil, til = logit_cil_til_accuracies(logits.float(), y, dm.seen_classes, increments)
+            if key == "test":
+                R["cil"][t, : t + 1], R["til"][t, : t + 1] = cil, til
+                seen.append(seen_accuracy(cil, y, dm, t))
+            else:
+                R["cil_val"][t, : t + 1] = cil
+    return {"library": f"Avalanche {__import__('avalanche').__version__}", "model": "softmax", "strategy": name,
+            "R": R, "final_class_il": seen[-1], "wall_s": time.perf_counter() - start, "seed": args.seed}
+
+
+def run_ours(model: str, strategy: str, args, out: Path) -> dict:
+    from src.train import train
+
+    over = [*base_overrides(args), f"strategy={strategy}"]
+    if model == "softmax":
+        over.append("model=softmax")
+    if strategy in ("replay", "der", "magnet_memory"):
+        over.append(f"strategy.buffer_size={args.buffer}")
+    start = time.perf_counter()
+    res = train(compose(over, out / f"ours_{model}_{strategy}"))
+    R = {"cil": np.array(res["class_il"]["R"], dtype=float), "til": np.array(res["task_il"]["R"], dtype=float),
+         "cil_val": np.array(res["class_il_val"]["R"], dtype=float)}
+    return {"library": "ours", "model": model, "strategy": strategy, "R": R,
+            "final_class_il": res["final_class_il_accuracy"], "wall_s": time.perf_counter() - start, "seed": args.seed}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| library | model | strategy | seed | final Class-IL (%) | final Class-IL, validation (%) | "
+             "avg incremental acc (%) | forgetting (pts) | final Task-IL (%) | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = summary(r["R"]["cil"])
+        T = r["R"]["cil"].shape[0]
+        lines.append(f"| {r['library']} | {r['model']} | {r['strategy']} | {r['seed']} | {100 * r['final_class_il']:.1f} | "
+                     f"{100 * np.nanmean(r['R']['cil_val'][T - 1]):.1f} | "
+                     f"{100 * s['average_incremental_accuracy']:.1f} | {100 * s['forgetting']:.1f} | "
+                     f"{100 * np.nanmean(r['R']['til'][T - 1]):.1f} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        R = r["R"]["cil"]
+        curve = [np.nanmean(R[t, : t + 1]) for t in range(R.shape[0])]
+        style = "--" if r["library"] != "ours" else "-"
+        ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], style, marker="o",
+                label=f"{r['library'].split()[0]} {r['model']} {r['strategy']}")
+    ax.set_xlabel("increment"), ax.set_ylabel("Class-IL accuracy on seen classes (%)")
+    ax.set_xticks(range(1, rows[0]["R"]["cil"].shape[0] + 1)), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--buffer", type=int, default=500)
+    ap.add_argument("--fake", action="store_true", help="tiny synthetic data (a smoke test)")
+    ap.add_argument("--only", choices=("avalanche", "ours", "all"), default="all")
+    ap.add_argument("--out", type=Path, default=Path("outputs/peer_avalanche"))
+    args = ap.parse_args(argv)
+    try:
+        import avalanche  # noqa: F401
+    except ImportError:
+        raise SystemExit("avalanche-lib is not installed: pip install -e '.[peers]' (the optional peers group)") from None
+    work = Path(tempfile.mkdtemp(prefix="peer_avalanche_"))
+    rows = []
+    if args.only in ("avalanche", "all"):
+        rows += [run_avalanche(name, args, work) for name in AVALANCHE_STRATEGIES]
+    if args.only in ("ours", "all"):
+        rows += [run_ours(model, strategy, args, work) for model, strategy in OURS]
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = table(rows)
+    atomic_write_text(args.out / "table.md", md)
+    no_nan = lambda R: [[None if math.isnan(v) else v for v in row] for row in R.tolist()]  # noqa: E731
+    atomic_write_text(args.out / "results.json", json.dumps(
+        [{**r, "R": {k: no_nan(v) for k, v in r["R"].items()}} for r in rows], indent=1))
+    figure(rows, args.out / "class_il.png")
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
