@@ -230,3 +230,18 @@ def test_real_cifar_layout_if_built():
     dm = CIFAR10DataModule(data_dir=str(REAL_DATA_DIR), subset_size=5000, val_size=1000)
     dm.setup()
     assert torch.bincount(dm.load_raw()["train_y"][dm.train_pool]).tolist() == [500] * 10
+
+
+def test_augmentation_makes_no_host_sync():
+    from src.utils.host_sync import HostSyncError, forbid_host_syncs
+
+    t = BatchTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_padding=4)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with forbid_host_syncs():
+        out = t(x, train=True)
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    # the guard does catch what the previous crop did (one nonzero per offset), and value reads
+    for syncing in (lambda: (x[:, 0, 0, 0] == 3).nonzero(), lambda: x.float().mean().item(),
+                    lambda: x[x[:, 0, 0, 0] > 3], lambda: bool((x > 3).any())):
+        with pytest.raises(HostSyncError), forbid_host_syncs():
+            syncing()

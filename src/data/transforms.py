@@ -18,29 +18,31 @@ class BatchTransform(torch.nn.Module):
         self.crop_padding = crop_padding
         self.flip = flip
         self.input_size = input_size
+        self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on ``device``, copied there once (not on every batch) when the module stays put."""
+        if self.mean.device == device:
+            return self.mean, self.std
+        if device not in self._stats_on:
+            self._stats_on[device] = (self.mean.to(device), self.std.to(device))
+        return self._stats_on[device]
 
     @staticmethod
     def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
         """Per-image random translation by up to ``padding`` pixels with zero fill (torchvision's
-        RandomCrop(size, padding)). Grouping the images by offset turns the crop into 2*(2p+1) slices,
-        much cheaper than a per-pixel gather."""
+        RandomCrop(size, padding)): two gathers (rows, then columns) indexed by each image's offset, so
+        the crop never asks the host which images took which offset (no ``nonzero``, no sync)."""
         if padding == 0:
             return x
         b, c, h, w = x.shape
         padded = F.pad(x, (padding, padding, padding, padding))
         dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
         dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-        rows = torch.empty((b, c, h, w + 2 * padding), dtype=x.dtype, device=x.device)
-        for s in range(2 * padding + 1):
-            sel = (dy == s).nonzero().flatten()
-            if len(sel):
-                rows[sel] = padded[sel, :, s : s + h, :]
-        out = torch.empty_like(x)
-        for s in range(2 * padding + 1):
-            sel = (dx == s).nonzero().flatten()
-            if len(sel):
-                out[sel] = rows[sel, :, :, s : s + w]
-        return out
+        row_idx = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+        rows = padded.gather(2, row_idx)
+        col_idx = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+        return rows.gather(3, col_idx)
 
     @staticmethod
     def random_flip(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,8 @@ class BatchTransform(torch.nn.Module):
             x = self.random_crop(x, self.crop_padding)
             if self.flip:
                 x = self.random_flip(x)
-        x = (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self.stats_on(x.device)
+        x = (x.float() - mean) / std
         if self.input_size and self.input_size != x.shape[-1]:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return x
