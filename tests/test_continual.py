@@ -121,26 +121,30 @@ def _update_memory_only(strategy, t, module, dm):
         Strategy.end_task = original
 
 
-def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
-    from src.continual.strategies.naive import Naive
-
-    args = ["strategy=naive", "trainer.max_epochs=1", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
+def interrupt_then_resume(tmp_path, monkeypatch, strategy_cls, crash_at: int, args: list[str]) -> tuple[dict, dict]:
+    """The uninterrupted sequence, and the same one killed at the start of increment ``crash_at`` and rerun."""
     full = run(tmp_path, "full", *args)
+    original = strategy_cls.begin_task
 
-    original = Naive.begin_task
-
-    def crash_at_third(self, t, module, dm):
-        if t == 3:
-            raise KeyboardInterrupt("simulated kill during increment 3")
+    def crash(self, t, module, dm):
+        if t == crash_at:
+            raise KeyboardInterrupt(f"simulated kill during increment {crash_at}")
         return original(self, t, module, dm)
 
-    monkeypatch.setattr(Naive, "begin_task", crash_at_third)
+    monkeypatch.setattr(strategy_cls, "begin_task", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", *args)
     assert (tmp_path / "resumed" / "continual_state.pt").is_file()
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(Naive, "begin_task", original)
-    resumed = run(tmp_path, "resumed", *args)
+    monkeypatch.setattr(strategy_cls, "begin_task", original)
+    return full, run(tmp_path, "resumed", *args)
+
+
+def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
+    from src.continual.strategies.naive import Naive
+
+    args = ["strategy=naive", "trainer.max_epochs=1", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
+    full, resumed = interrupt_then_resume(tmp_path, monkeypatch, Naive, 3, args)
     np.testing.assert_allclose(np.array(resumed["class_il"]["R"], dtype=float),
                                np.array(full["class_il"]["R"], dtype=float), rtol=0, atol=1e-6)
 
@@ -251,19 +255,7 @@ def test_softmax_der_resumes_mid_sequence_to_the_same_matrix(tmp_path, monkeypat
 
     args = ["model=softmax", "strategy=der", "strategy.buffer_size=20", "trainer.max_epochs=1",
             "trainer.limit_train_batches=3"]
-    full = run(tmp_path, "full", *args)
-    original = DER.begin_task
-
-    def crash_at_third(self, t, module, dm):
-        if t == 2:
-            raise KeyboardInterrupt("simulated kill during increment 2")
-        return original(self, t, module, dm)
-
-    monkeypatch.setattr(DER, "begin_task", crash_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "resumed", *args)
-    monkeypatch.setattr(DER, "begin_task", original)
-    resumed = run(tmp_path, "resumed", *args)
+    full, resumed = interrupt_then_resume(tmp_path, monkeypatch, DER, 2, args)
     for key in ("class_il", "task_il", "class_il_val"):
         np.testing.assert_allclose(np.array(resumed[key]["R"], dtype=float), np.array(full[key]["R"], dtype=float),
                                    rtol=0, atol=1e-6)

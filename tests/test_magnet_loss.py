@@ -132,3 +132,39 @@ def test_predict_rejects_bad_arguments():
         magnet_predict(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 0.0, 2, 1)
     with pytest.raises(ValueError, match="L must be"):
         magnet_predict(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), 1.0, 2, 0)
+
+
+def test_indexed_loss_equals_the_validating_loss_without_host_syncs():
+    from src.models.components.magnet_loss import magnet_loss_indexed, magnet_loss_with_options
+    from src.utils.host_sync import forbid_host_syncs
+
+    g = torch.Generator().manual_seed(0)
+    cluster_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # an index of 8 clusters, 2 per class
+    for trial in range(5):
+        # a batch holding 4 of the 8 clusters (of at least two classes), D = 3 each
+        present = torch.randperm(8, generator=g)[:4]
+        if len(set(cluster_labels[present].tolist())) < 2:
+            continue
+        ids = present.repeat_interleave(3)
+        emb = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = cluster_labels[ids]
+        for detach in (False, True):
+            ref, ref_var = magnet_loss_with_options(emb, ids, labels, alpha=0.7, detach_variance=detach)
+            with forbid_host_syncs():
+                fast, var, lacking = magnet_loss_indexed(emb, ids, labels, cluster_labels, alpha=0.7,
+                                                         detach_variance=detach)
+            assert torch.allclose(fast, ref, atol=1e-10) and torch.allclose(var, ref_var) and not lacking
+            g_ref, = torch.autograd.grad(ref.mean(), emb)
+            g_fast, = torch.autograd.grad(fast.mean(), emb)
+            assert torch.allclose(g_fast, g_ref, atol=1e-10)
+
+
+def test_indexed_loss_flags_an_example_without_impostor_instead_of_nan():
+    from src.models.components.magnet_loss import magnet_loss_indexed
+
+    emb = torch.randn(6, 3, requires_grad=True)
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])  # both clusters of class 0: nobody has an impostor
+    losses, _, lacking = magnet_loss_indexed(emb, ids, torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 1]))
+    assert bool(lacking) and torch.equal(losses, torch.zeros(6))
+    losses.sum().backward()
+    assert torch.isfinite(emb.grad).all()

@@ -54,7 +54,7 @@ class NeighbourhoodBatchSampler:
 
     def __init__(self, state: ClusterState, num_examples: int, m: int, d: int, seed: int = 0,
                  random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3,
-                 increment: int | None = None, seed_weight: str = "mean_loss"):
+                 increment: int | None = None, seed_weight: str = "mean_loss", loss_sync_every: int = 10):
         if seed_weight not in SEED_WEIGHTS:
             raise ValueError(f"model.clusters.seed_weight must be one of {'|'.join(SEED_WEIGHTS)}, got {seed_weight!r}")
         if m < 2:
@@ -67,6 +67,9 @@ class NeighbourhoodBatchSampler:
         self.random_clusters = random_clusters
         self.rank, self.world_size, self.loss_floor = rank, world_size, loss_floor
         self.increment, self.seed_weight = increment, seed_weight
+        # on an accelerator the seed choice reads the losses as of at most this many batches ago (one host
+        # sync per that many steps); on the CPU they are always current
+        self.loss_sync_every = max(int(loss_sync_every), 1)
         self.epoch = 0
 
     @property
@@ -81,7 +84,9 @@ class NeighbourhoodBatchSampler:
 
     def __iter__(self):
         g = stream_generator(self.seed, "batches", self.increment, self.epoch, self.rank)
-        for _ in range(len(self)):
+        for i in range(len(self)):
+            if i % self.loss_sync_every == 0:
+                self.state.sync_losses()
             if self.state.index is None:
                 yield torch.randperm(self.n, generator=g)[: self.batch_size]
             else:

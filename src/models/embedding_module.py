@@ -139,7 +139,7 @@ class EmbeddingModule(pl.LightningModule):
         """Cross-entropy through the classifier head, for the warm-up epochs before the method's own loss."""
         loss = nn.functional.cross_entropy(self.net.classifier(emb), y)
         self.check_finite(loss, "cross-entropy warm-up loss")
-        self.log("train/ce", loss, prog_bar=True)
+        self.log_train({"train/ce": loss})
         return loss
 
     def observe(self, batch, emb: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -150,12 +150,53 @@ class EmbeddingModule(pl.LightningModule):
         self.check_finite(loss, "strategy-adjusted loss")
         return loss
 
+    def log_train(self, metrics: dict[str, torch.Tensor], prog_bar: bool = True) -> None:
+        """Training metrics are averaged on the device over the epoch and logged at its end: logging them per
+        step would make the progress bar read each value back to the host (a sync every step)."""
+        self.log_dict({k: v.detach() for k, v in metrics.items()}, on_step=False, on_epoch=True, prog_bar=prog_bar)
+
+    # ---- failure checks without per-step host syncs ----------------------------------------------
+    # A step records failures as device flags; the host reads them every ``host_check_every`` steps, before
+    # validation and at the end of each epoch, and the error names the window of steps it happened in.
+    host_check_every = 25
+
+    def _flag(self, what: str, bad: torch.Tensor, error: type[Exception], advice: str) -> None:
+        state = self.__dict__.setdefault("_failures", {"flags": {}, "start": (self.current_epoch, self.global_step), "steps": 0})
+        flag, _, _ = state["flags"].get(what, (None, None, None))
+        state["flags"][what] = (bad if flag is None else flag | bad, error, advice)
+        state["steps"] += 1
+        if state["steps"] >= self.host_check_every * len(state["flags"]):
+            self.raise_recorded_failures()
+
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{what} became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                f"lower model.optimizer.lr or enable gradient clipping (trainer.gradient_clip_val=1.0)"
-            )
+        self._flag(f"{what} became nan or inf", ~torch.isfinite(loss.detach()), FloatingPointError,
+                   "lower model.optimizer.lr or enable gradient clipping (trainer.gradient_clip_val=1.0)")
+
+    def check_impostors(self, lacking: torch.Tensor) -> None:
+        self._flag("a neighbourhood batch held an example with no cluster of another class", lacking, RuntimeError,
+                   "its loss was set to 0; the index must hold at least two classes (check data.classes and the increment)")
+
+    def raise_recorded_failures(self) -> None:
+        """The one host read of the failure flags (a sync on an accelerator, nothing on the CPU)."""
+        state = self.__dict__.pop("_failures", None)
+        if state is None:
+            return
+        (epoch, step) = state["start"]
+        for what, (bad, error, advice) in state["flags"].items():
+            if bool(bad):
+                raise error(f"{what} between epoch {epoch} step {step} and epoch {self.current_epoch} step "
+                            f"{self.global_step}; {advice}")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # at the epoch's last batch, before the re-clustering pass and validation read the weights
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            self.raise_recorded_failures()
+
+    def on_validation_start(self) -> None:
+        self.raise_recorded_failures()  # never validate, or checkpoint, weights from a failed window
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_recorded_failures()
 
     # ---- index-based evaluation ---------------------------------------------------------------
     def eval_variance(self) -> float:

@@ -62,12 +62,14 @@ class MagnetModule(EmbeddingModule):
         emb = self(x)
         if self.in_warmup():
             return self.observe(batch, emb, self.warmup_loss(emb, y))
-        cluster_ids = self.cluster_state.index.assignments[pos.cpu()].to(emb.device)
-        loss, per_example, variance = self.loss(emb.float(), cluster_ids, y)  # fp32 even under bf16 autocast
+        # cluster ids gathered on the device: the step never asks the host for anything
+        assignments, cluster_labels = self.cluster_state.index_on(emb.device)
+        loss, per_example, variance, lacking = self.loss.indexed(emb.float(), assignments[pos], y, cluster_labels)  # fp32
         self.check_finite(loss, "magnet loss")
+        self.check_impostors(lacking)
         self.cluster_state.record_losses(pos, per_example)
         self.update_running_variance(variance)
-        self.log_dict({"train/magnet": loss, "train/sigma2": variance.detach()}, prog_bar=True)
+        self.log_train({"train/magnet": loss, "train/sigma2": variance})
         return self.observe(batch, emb, loss)
 
     @torch.no_grad()
@@ -75,7 +77,6 @@ class MagnetModule(EmbeddingModule):
         v = variance.detach().clone().float()  # all_reduce works in place: never on the graph's tensor
         if self.trainer is not None and self.trainer.world_size > 1:
             v = self.trainer.strategy.reduce(v, reduce_op="mean")
-        if torch.isnan(self.running_variance):
-            self.running_variance.copy_(v)
-        else:
-            self.running_variance.mul_(self.variance_momentum).add_((1 - self.variance_momentum) * v)
+        # first batch: take it; then the moving average (a device-side choice, no host branch)
+        averaged = self.running_variance * self.variance_momentum + (1 - self.variance_momentum) * v
+        self.running_variance.copy_(torch.where(torch.isnan(self.running_variance), v, averaged))

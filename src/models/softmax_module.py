@@ -26,5 +26,5 @@ class SoftmaxModule(EmbeddingModule):
         emb = self(x)
         loss = F.cross_entropy(self.net.classifier(emb), y)
         self.check_finite(loss, "cross-entropy loss")
-        self.log("train/ce", loss, prog_bar=True)
+        self.log_train({"train/ce": loss})
         return self.observe(batch, emb, loss)

@@ -25,5 +25,5 @@ class TripletModule(EmbeddingModule):
             return self.observe(batch, emb, self.warmup_loss(emb, y))
         loss = self.loss(emb, y, self.miner(emb, y))
         self.check_finite(loss, "triplet loss")
-        self.log("train/triplet", loss, prog_bar=True)
+        self.log_train({"train/triplet": loss})
         return self.observe(batch, emb, loss)

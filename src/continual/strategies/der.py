@@ -54,12 +54,12 @@ class DER(Strategy):
                 images, _, stored = self.buffer.sample(size)
                 now = module.classifier_logits(module(self._transform(images, train=True)))
                 dark = F.mse_loss(now.float(), stored.float())
-                module.log("train/der_mse", dark, prog_bar=True)
+                module.log_train({"train/der_mse": dark})
                 loss = loss + self.alpha * dark
             if self.beta:
                 images, labels, _ = self.buffer.sample(size)
                 ce = F.cross_entropy(module.classifier_logits(module(self._transform(images, train=True))), labels)
-                module.log("train/der_ce", ce)
+                module.log_train({"train/der_ce": ce}, prog_bar=False)
                 loss = loss + self.beta * ce
         # the un-augmented images go in, with the logits the model gave their augmented view (as the paper)
         self.buffer.add(self._train_images[positions.to(self._train_images.device)], y, logits)

@@ -21,11 +21,13 @@ class Distill(Replay):
             raise ValueError(f"strategy.mode must be feature or relation, got {mode!r}")
         self.weight, self.mode = weight, mode
         self.teacher: torch.nn.Module | None = None
+        self._teacher_device: torch.device | None = None
 
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
         if t > 0:
             self.teacher = copy.deepcopy(module.net).eval()
+            self._teacher_device = None
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
@@ -39,11 +41,13 @@ class Distill(Replay):
     def observe(self, module, batch, embeddings, loss):
         if self.teacher is None or self.weight == 0:
             return loss
-        self.teacher.to(embeddings.device)
+        if self._teacher_device != embeddings.device:  # once, not a walk over the modules every step
+            self.teacher.to(embeddings.device)
+            self._teacher_device = embeddings.device
         with torch.no_grad():
             target = self.teacher(batch[0]).float()
         kd = self.distillation_loss(embeddings.float(), target)
-        module.log("train/distill", kd, prog_bar=True)
+        module.log_train({"train/distill": kd})
         return loss + self.weight * kd
 
     # No state of its own to save: the teacher is re-snapshotted from the restored model at the next

@@ -109,11 +109,17 @@ class ClusterState:
     """What the sampler, the loss and the callback share: the current index and per-example losses.
 
     The per-example losses are sized by the index: a new index over a different training set (the next
-    increment) starts them afresh, one over the same set keeps them for the sampler's seed choice."""
+    increment) starts them afresh, one over the same set keeps them for the sampler's seed choice.
+
+    On an accelerator the training step writes its losses into a copy on the device (no host sync), and
+    the sampler pulls that copy into ``example_losses`` every few batches (``sync_losses``). On the CPU
+    the step writes ``example_losses`` directly, exactly as before."""
 
     def __init__(self, num_examples: int = 0):
         self._index: ClusterIndex | None = None
         self.example_losses = torch.full((num_examples,), float("nan"))
+        self._device_losses: torch.Tensor | None = None
+        self._index_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def index(self) -> ClusterIndex | None:
@@ -121,16 +127,35 @@ class ClusterState:
 
     @index.setter
     def index(self, index: ClusterIndex | None) -> None:
+        self.sync_losses()
         if index is not None and len(self.example_losses) != len(index.assignments):
             self.example_losses = torch.full((len(index.assignments),), float("nan"))
+        self._device_losses, self._index_on = None, {}
         self._index = index
 
     def reset(self) -> None:
-        self._index = None
+        self._index, self._device_losses, self._index_on = None, None, {}
         self.example_losses = torch.full((0,), float("nan"))
 
+    def index_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index's assignments [N] and cluster labels [C] on ``device``, copied once per index."""
+        if device not in self._index_on:
+            self._index_on[device] = (self._index.assignments.to(device), self._index.centroid_labels.to(device))
+        return self._index_on[device]
+
     def record_losses(self, positions: torch.Tensor, losses: torch.Tensor) -> None:
-        self.example_losses[positions.cpu()] = losses.detach().float().cpu()
+        losses = losses.detach().float()
+        if losses.device.type == "cpu":
+            self.example_losses[positions] = losses
+            return
+        if self._device_losses is None or self._device_losses.device != losses.device:
+            self._device_losses = self.example_losses.to(losses.device)
+        self._device_losses[positions] = losses
+
+    def sync_losses(self) -> None:
+        """Bring the device's per-example losses to ``example_losses`` (one host sync; none on the CPU)."""
+        if self._device_losses is not None:
+            self.example_losses = self._device_losses.cpu()
 
     def cluster_losses(self) -> torch.Tensor:
         """Mean loss of each cluster; a cluster with no measured member gets the mean of the measured ones."""
@@ -144,8 +169,10 @@ class ClusterState:
         return torch.where(counts > 0, means, fill)
 
     def state_dict(self) -> dict:
+        self.sync_losses()
         return {"index": None if self.index is None else self.index.state_dict(), "example_losses": self.example_losses}
 
     def load_state_dict(self, state: dict) -> None:
         self._index = None if state.get("index") is None else ClusterIndex.from_state_dict(state["index"])
         self.example_losses = state["example_losses"]
+        self._device_losses, self._index_on = None, {}

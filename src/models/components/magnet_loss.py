@@ -58,6 +58,38 @@ def magnet_loss_with_options(embeddings: Tensor, cluster_ids: Tensor, labels: Te
     return losses, variance
 
 
+def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, cluster_labels: Tensor,
+                        alpha: float = 1.0, detach_variance: bool = False,
+                        eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """The same per-example losses and variance as ``magnet_loss_with_options``, for a batch drawn from a
+    cluster index of C clusters (``cluster_ids`` in 0..C-1, ``cluster_labels`` [C] from the index).
+
+    Shapes depend only on (N, C), never on which clusters the batch holds, and nothing is read back to
+    the host: in-batch means are sums over all C clusters (absent ones have count 0 and are masked out),
+    so the training step can be captured in a CUDA graph. The checks the validating version makes per
+    batch hold by construction (one label per cluster: the index; an impostor for every example: the
+    neighbourhood sampler); the third result flags, on the device, any example left without an impostor
+    (its loss is set to 0 instead of NaN) for the caller to check every few steps."""
+    num_clusters = cluster_labels.shape[0]
+    ones = torch.ones_like(cluster_ids, dtype=embeddings.dtype)
+    counts = torch.zeros(num_clusters, device=embeddings.device, dtype=embeddings.dtype).index_add_(0, cluster_ids, ones)
+    sums = torch.zeros(num_clusters, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
+    sums.index_add_(0, cluster_ids, embeddings)
+    means = sums / counts.clamp_min(1)[:, None]
+    sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, C]
+    own = sq_dist.gather(1, cluster_ids[:, None]).squeeze(1)
+    variance = own.sum() / (embeddings.shape[0] - 1)
+    var_used = variance.detach() if detach_variance else variance
+    scale = 1.0 / (2.0 * var_used.clamp_min(eps))
+    impostor = (cluster_labels[None, :] != labels[:, None]) & (counts > 0)[None, :]
+    has_impostor = impostor.any(1)
+    # a row with no impostor would give logsumexp(-inf...) = -inf and NaN gradients: give it a finite row
+    impostor = impostor | ~has_impostor[:, None]
+    logits = (-sq_dist * scale).masked_fill(~impostor, float("-inf"))
+    losses = torch.relu(own * scale + alpha + torch.logsumexp(logits, dim=1)) * has_impostor
+    return losses, variance, ~has_impostor.all()
+
+
 def magnet_loss(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """Per-example magnet losses after the hinge, [N], and the batch variance sigma^2 (a 0-d tensor)."""
     return magnet_loss_with_options(embeddings, cluster_ids, labels, alpha=alpha)
@@ -93,3 +125,11 @@ class MagnetLoss(torch.nn.Module):
     def forward(self, embeddings: Tensor, cluster_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         losses, variance = magnet_loss_with_options(embeddings, cluster_ids, labels, self.alpha, self.detach_variance)
         return losses.mean(), losses, variance
+
+    def indexed(self, embeddings: Tensor, cluster_ids: Tensor, labels: Tensor,
+                cluster_labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The training step's form (see ``magnet_loss_indexed``): mean, per-example losses, variance and
+        the on-device flag for an example without impostor."""
+        losses, variance, lacking = magnet_loss_indexed(embeddings, cluster_ids, labels, cluster_labels, self.alpha,
+                                                        self.detach_variance)
+        return losses.mean(), losses, variance, lacking
