@@ -140,7 +140,7 @@ def test_indexed_loss_equals_the_validating_loss_without_host_syncs():
 
     g = torch.Generator().manual_seed(0)
     cluster_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # an index of 8 clusters, 2 per class
-    for trial in range(5):
+    for _ in range(5):
         # a batch holding 4 of the 8 clusters (of at least two classes), D = 3 each
         present = torch.randperm(8, generator=g)[:4]
         if len(set(cluster_labels[present].tolist())) < 2:

@@ -8,7 +8,6 @@ import torch
 from src.models.components.cluster_index import ClusterState
 from src.utils.seeding import stream_generator
 
-
 SEED_WEIGHTS = ("mean_loss", "total_loss")
 
 
