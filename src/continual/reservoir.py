@@ -58,13 +58,6 @@ class ReservoirBuffer:
         pick = torch.randperm(len(self), generator=self.generator)[:n].to(self.images.device, non_blocking=True)
         return self.images[pick], self.labels[pick], self.logits[pick]
 
-    def to(self, device) -> ReservoirBuffer:
-        for name in ("images", "labels", "logits"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        return self
-
     def state_dict(self) -> dict:
         cpu = lambda v: None if v is None else v.cpu()  # noqa: E731
         return {"size": self.size, "seen": self.seen, "images": cpu(self.images), "labels": cpu(self.labels),

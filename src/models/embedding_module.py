@@ -54,6 +54,7 @@ class EmbeddingModule(pl.LightningModule):
         if self.warmup_epochs < 0:
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         self.cluster_state = ClusterState()
+        self._failures: dict | None = None  # device flags of the steps since the last host check (see _flag)
         self.index_fresh = False  # was the index rebuilt from this epoch's final weights (validation may select)?
         self.train_reference: tuple[torch.Tensor, torch.Tensor] | None = None  # train embeddings for k-NN
         self.strategy = None  # a continual strategy (src/continual/strategies), when one drives training
@@ -161,7 +162,9 @@ class EmbeddingModule(pl.LightningModule):
     host_check_every = 25
 
     def _flag(self, what: str, bad: torch.Tensor, error: type[Exception], advice: str) -> None:
-        state = self.__dict__.setdefault("_failures", {"flags": {}, "start": (self.current_epoch, self.global_step), "steps": 0})
+        if self._failures is None:
+            self._failures = {"flags": {}, "start": (self.current_epoch, self.global_step), "steps": 0}
+        state = self._failures
         flag, _, _ = state["flags"].get(what, (None, None, None))
         state["flags"][what] = (bad if flag is None else flag | bad, error, advice)
         state["steps"] += 1
@@ -178,7 +181,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def raise_recorded_failures(self) -> None:
         """The one host read of the failure flags (a sync on an accelerator, nothing on the CPU)."""
-        state = self.__dict__.pop("_failures", None)
+        state, self._failures = self._failures, None
         if state is None:
             return
         (epoch, step) = state["start"]

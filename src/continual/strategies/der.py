@@ -35,7 +35,7 @@ class DER(Strategy):
 
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
-        if not getattr(module, "predicts_with_logits", False):
+        if not module.predicts_with_logits:
             raise ValueError(f"strategy=der needs classifier logits; {type(module).__name__} has none. Use model=softmax, "
                              "or strategy=magnet_memory for a magnet model (see src/continual/strategies/der.py)")
         # insertion decisions and buffer draws of increment t: a resumed sequence repeats them exactly

@@ -19,49 +19,37 @@ def _check_batch(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor) -> Non
         raise ValueError("magnet loss needs at least 2 examples in a batch to estimate the variance")
 
 
-def cluster_statistics(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor):
-    """In-batch cluster means, each cluster's label, and each example's cluster position."""
+def batch_clusters(cluster_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each in-batch cluster's label and each example's in-batch cluster position (0..C-1), checking that
+    no cluster mixes labels."""
     uniq, position = torch.unique(cluster_ids, return_inverse=True)
-    num_clusters = len(uniq)
-    counts = torch.zeros(num_clusters, device=embeddings.device, dtype=embeddings.dtype)
-    counts.index_add_(0, position, torch.ones_like(position, dtype=embeddings.dtype))
-    sums = torch.zeros(num_clusters, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
-    sums.index_add_(0, position, embeddings)
-    means = sums / counts[:, None]
-    cluster_labels = torch.full((num_clusters,), -1, dtype=labels.dtype, device=labels.device)
+    cluster_labels = torch.full((len(uniq),), -1, dtype=labels.dtype, device=labels.device)
     cluster_labels.scatter_(0, position, labels)
     if not torch.equal(cluster_labels[position], labels):
         raise ValueError("every cluster must hold examples of a single label, but a cluster_id mixes labels")
-    return means, cluster_labels, position
+    return cluster_labels, position
 
 
 def magnet_loss_with_options(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, alpha: float = 1.0,
                              detach_variance: bool = False, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """The validating form: arbitrary cluster ids, and one-line errors for a batch the loss is not defined on."""
     _check_batch(embeddings, cluster_ids, labels)
-    means, cluster_labels, position = cluster_statistics(embeddings, cluster_ids, labels)
-    # Exact squared distances (not the expanded |a|^2 - 2ab + |b|^2 form, which cancels badly when close).
-    sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, C]
-    own = sq_dist.gather(1, position[:, None]).squeeze(1)
-    variance = own.sum() / (embeddings.shape[0] - 1)
-    var_used = variance.detach() if detach_variance else variance
-    scale = 1.0 / (2.0 * var_used.clamp_min(eps))
-    impostor = cluster_labels[None, :] != labels[:, None]
-    lacking = ~impostor.any(1)
+    cluster_labels, position = batch_clusters(cluster_ids, labels)
+    lacking = ~(cluster_labels[None, :] != labels[:, None]).any(1)
     if lacking.any():
         missing = sorted(set(labels[lacking].tolist()))
         raise ValueError(
             f"magnet loss needs a cluster of another class for every example, but examples of label(s) "
             f"{missing} have none in this batch; sample clusters from at least two classes"
         )
-    logits = (-sq_dist * scale).masked_fill(~impostor, float("-inf"))
-    losses = torch.relu(own * scale + alpha + torch.logsumexp(logits, dim=1))
+    losses, variance, _ = magnet_loss_indexed(embeddings, position, labels, cluster_labels, alpha, detach_variance, eps)
     return losses, variance
 
 
 def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, cluster_labels: Tensor,
                         alpha: float = 1.0, detach_variance: bool = False,
                         eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
-    """The same per-example losses and variance as ``magnet_loss_with_options``, for a batch drawn from a
+    """Per-example losses and the batch variance for a batch drawn from a
     cluster index of C clusters (``cluster_ids`` in 0..C-1, ``cluster_labels`` [C] from the index).
 
     Shapes depend only on (N, C), never on which clusters the batch holds, and nothing is read back to
@@ -76,6 +64,7 @@ def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor,
     sums = torch.zeros(num_clusters, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
     sums.index_add_(0, cluster_ids, embeddings)
     means = sums / counts.clamp_min(1)[:, None]
+    # Exact squared distances (not the expanded |a|^2 - 2ab + |b|^2 form, which cancels badly when close).
     sq_dist = (embeddings[:, None, :] - means[None, :, :]).pow(2).sum(-1)  # [N, C]
     own = sq_dist.gather(1, cluster_ids[:, None]).squeeze(1)
     variance = own.sum() / (embeddings.shape[0] - 1)
