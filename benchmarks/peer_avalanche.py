@@ -3,6 +3,11 @@
     pip install -e '.[peers]'          # avalanche-lib, pinned in pyproject.toml
     python benchmarks/peer_avalanche.py [--seed 42] [--epochs 10] [--out docs/figures/peer_avalanche]
     python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
+    python benchmarks/peer_avalanche.py --runs avalanche:naive ours:softmax:der   # a subset, e.g. one per CPU core
+
+Each finished run is saved to OUT/runs/<run>_s<seed>_e<epochs>_b<buffer>.json and reused by later calls with the
+same --out and settings (--fresh re-runs it), so the runs can be split across processes, a cut sequence resumes at
+the first missing run, and the table and figure always cover every saved run of those settings.
 
 What is shared, so that only the library differs:
 - data: the datamodule of `experiment=continual_5x2` (same 5k subset, same class order, same two classes per
@@ -39,6 +44,7 @@ from src.utils.io import atomic_write_text
 AVALANCHE_STRATEGIES = ("naive", "replay", "der")
 OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "der"), ("magnet", "replay"),
         ("magnet", "magnet_memory"), ("magnet", "joint"))
+RUNS = (*(f"avalanche:{name}" for name in AVALANCHE_STRATEGIES), *(f"ours:{m}:{s}" for m, s in OURS))
 FAKE = ["data=fake", "data.subset_size=null", "data.val_size=50", "data.train_per_class=30", "data.test_per_class=10",
         "callbacks.rich_progress_bar=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
 
@@ -202,22 +208,39 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--buffer", type=int, default=500)
     ap.add_argument("--fake", action="store_true", help="tiny synthetic data (a smoke test)")
     ap.add_argument("--only", choices=("avalanche", "ours", "all"), default="all")
+    ap.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: every run, or --only's)")
+    ap.add_argument("--fresh", action="store_true", help="re-run runs already saved under OUT/runs")
     ap.add_argument("--out", type=Path, default=Path("outputs/peer_avalanche"))
     args = ap.parse_args(argv)
     try:
         import avalanche  # noqa: F401
     except ImportError:
         raise SystemExit("avalanche-lib is not installed: pip install -e '.[peers]' (the optional peers group)") from None
+    if args.runs is None:
+        args.runs = [r for r in RUNS if args.only == "all" or r.startswith(args.only.replace("ours", "ours:"))]
     work = Path(tempfile.mkdtemp(prefix="peer_avalanche_"))
+    saved = args.out / "runs"
+    saved.mkdir(parents=True, exist_ok=True)
+    # Everything that changes a run's result is in its file name, so a saved run is never reused for another setting.
+    setting = f"s{args.seed}_e{args.epochs}_b{args.buffer}" + ("_fake" if args.fake else "")
+    path_of = lambda run: saved / f"{run.replace(':', '_')}_{setting}.json"  # noqa: E731
+    no_nan = lambda R: [[None if math.isnan(v) else v for v in row] for row in R.tolist()]  # noqa: E731
+    for run in args.runs:
+        if path_of(run).is_file() and not args.fresh:
+            print(f"{run}: reusing {path_of(run)}")
+            continue
+        kind, *what = run.split(":")
+        row = run_avalanche(what[0], args, work) if kind == "avalanche" else run_ours(*what, args, work)
+        atomic_write_text(path_of(run), json.dumps({**row, "R": {k: no_nan(v) for k, v in row["R"].items()}}))
     rows = []
-    if args.only in ("avalanche", "all"):
-        rows += [run_avalanche(name, args, work) for name in AVALANCHE_STRATEGIES]
-    if args.only in ("ours", "all"):
-        rows += [run_ours(model, strategy, args, work) for model, strategy in OURS]
+    for run in RUNS:  # every saved run of these settings, in a fixed order, whichever process produced it
+        if path_of(run).is_file():
+            row = json.loads(path_of(run).read_text())
+            row["R"] = {k: np.array(v, dtype=float) for k, v in row["R"].items()}
+            rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
     atomic_write_text(args.out / "table.md", md)
-    no_nan = lambda R: [[None if math.isnan(v) else v for v in row] for row in R.tolist()]  # noqa: E731
     atomic_write_text(args.out / "results.json", json.dumps(
         [{**r, "R": {k: no_nan(v) for k, v in r["R"].items()}} for r in rows], indent=1))
     figure(rows, args.out / "class_il.png")
