@@ -47,6 +47,7 @@ def test_triplet_warmup_trains_cross_entropy_then_the_triplet_loss():
 
     import torch.nn.functional as F
 
+    from src.models.components.triplet_loss import semihard_triplet_loss
     from src.models.triplet_module import TripletModule
 
     torch.manual_seed(0)
@@ -58,10 +59,41 @@ def test_triplet_warmup_trains_cross_entropy_then_the_triplet_loss():
     with torch.no_grad():
         emb = net(x)
     expected_ce = F.cross_entropy(net.classifier(emb), y)
-    expected_triplet = module.loss(emb, y, module.miner(emb, y))
+    expected_triplet = semihard_triplet_loss(emb, y, 0.2)
     assert not torch.allclose(expected_ce, expected_triplet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer
         assert torch.allclose(module.training_step(batch, 0), expected_ce)  # epoch 0 < warmup_epochs
         module.warmup_epochs = 0
         assert torch.allclose(module.training_step(batch, 0), expected_triplet)
+
+
+@pytest.mark.parametrize("stem, inception3_size", [("imagenet", 4), ("cifar8", 8), ("cifar", 16), ("cifar32", 32)])
+def test_stem_sets_where_inception3_runs(stem, inception3_size):
+    net = build_googlenet(False, stem=stem).eval()
+    seen = []
+    net.inception3a.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[-1]))
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1024)
+    assert seen == [inception3_size]
+    assert net.conv1.conv.kernel_size == ((7, 7) if stem == "imagenet" else (3, 3))
+
+
+def test_replaced_stem_keeps_every_other_pretrained_weight_and_names_the_fresh_ones(tmp_path, caplog):
+    torch.manual_seed(0)
+    source = build_googlenet(False)
+    path = tmp_path / "googlenet.pt"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level("WARNING"):
+        loaded = build_googlenet(str(path), stem="cifar")
+    assert "model.net.stem=cifar" in caplog.text and "conv1.conv.weight" in caplog.text
+    kept = {k: v for k, v in loaded.state_dict().items() if not k.startswith("conv1.")}
+    assert kept and all(torch.equal(v, source.state_dict()[k]) for k, v in kept.items())
+    assert loaded.conv1.conv.weight.shape == (64, 3, 3, 3)
+    caplog.clear()
+    build_googlenet(False, stem="cifar")  # nothing pretrained, nothing to warn about
+    assert "model.net.stem" not in caplog.text
+
+
+def test_unknown_stem_is_a_one_line_error_naming_the_key():
+    with pytest.raises(ValueError, match=r"model.net.stem must be one of imagenet, cifar8, cifar, cifar32, got 'cifar16'"):
+        EmbeddingNet(stem="cifar16")

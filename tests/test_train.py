@@ -42,6 +42,27 @@ def test_fast_dev_run_every_experiment(make_cfg, experiment):
     assert saved["seed"] == results["seed"]
 
 
+def test_compile_flag_compiles_the_network_once_and_trains_through_it(make_cfg, monkeypatch):
+    """model.compile=true: one in-place torch.compile of the network (CPU: default mode, static shapes), used by
+    every forward of the run. The real inductor compile of GoogLeNet takes minutes on this CPU, so the test swaps
+    in torch's "eager" backend, which runs the same dynamo capture without generating code."""
+    from src.train import train
+
+    calls, real_compile = [], torch.compile
+
+    def recording_compile(fn, **kwargs):
+        calls.append(kwargs)
+        compiled = real_compile(fn, **{**kwargs, "mode": None, "backend": "eager"})
+        return lambda *a, **k: (calls.append("forward"), compiled(*a, **k))[1]
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", *FAST, "model.compile=true")
+    train(cfg)
+    assert calls[0] == {"mode": None, "dynamic": False}
+    assert sum(c == {"mode": None, "dynamic": False} for c in calls) == 1  # fit and test: compiled once
+    assert calls.count("forward") >= 3  # training step, re-clustering pass and evaluation all went through it
+
+
 def test_default_command_with_fdr(make_cfg):
     from src.train import train
 
@@ -90,6 +111,7 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     ("model.loss.alpha=-1", "alpha must be >= 0"),
     ("model.bn_mode=weird", "bn_mode"),
     ("data.classes_per_increment=3", "classes_per_increment must divide"),
+    ("model.compile=maybe", "model.compile must be true or false"),
 ])
 def test_invalid_hyperparameters_fail_with_one_clear_line(make_cfg, override, match):
     from src.train import train

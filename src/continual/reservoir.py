@@ -5,6 +5,7 @@ The buffer lives on the training device and every insertion decision is drawn on
 seeded CPU generator, so storing a batch never waits for the device."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -26,16 +27,17 @@ class ReservoirBuffer:
         """For ``n`` newly offered examples: which of them are kept (positions in the batch) and the slot
         each one takes. While the buffer fills, every example takes the next slot; afterwards example i
         (the seen+i-th overall) draws j uniform in [0, seen+i] and replaces slot j if j < size."""
-        order = torch.arange(self.seen, self.seen + n)
-        fill = order < self.size
-        draws = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (order + 1)).floor().long()
-        slot = torch.where(fill, order, draws)
-        keep = slot < self.size
+        # Host arithmetic in numpy: these are decisions about the batch, not device values, and keeping them
+        # out of torch keeps the step free of tensor operators that would read the device (tests/test_host_sync.py).
+        order = np.arange(self.seen, self.seen + n)
+        draws = np.floor(torch.rand(n, generator=self.generator, dtype=torch.float64).numpy() * (order + 1))
+        slot = np.where(order < self.size, order, draws.astype(np.int64))
+        kept_pos = np.flatnonzero(slot < self.size)
+        kept_slot = slot[kept_pos]
         # a later example of the same batch that takes the same slot wins, as in the sequential algorithm
-        kept_pos, kept_slot = keep.nonzero().flatten(), slot[keep]
-        last = {int(s): i for i, s in enumerate(kept_slot.tolist())}
-        chosen = torch.tensor(sorted(last.values()), dtype=torch.long)
-        return kept_pos[chosen], kept_slot[chosen]
+        last = {int(s): i for i, s in enumerate(kept_slot)}
+        chosen = np.array(sorted(last.values()), dtype=np.int64)
+        return torch.from_numpy(kept_pos[chosen]), torch.from_numpy(kept_slot[chosen])
 
     def add(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
         n = len(images)

@@ -2,7 +2,18 @@
 strategies (exemplar selection, drift compensation) all need."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def inference_autocast(module: torch.nn.Module, device: torch.device):
+    """bf16 autocast for an embedding pass on a GPU when the module trains under bf16 mixed precision (as
+    Lightning's step does), so the pass runs at the step's speed; float32 otherwise (CPU, or a 32-bit run)."""
+    trainer = getattr(module, "_trainer", None)  # a LightningModule attached to a Trainer; None otherwise
+    if device.type == "cuda" and trainer is not None and str(trainer.precision).startswith("bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -30,12 +41,13 @@ def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch
             bn.train()
     out = []
     task = progress.add_task("embedding pass", total=len(positions)) if progress is not None else None
-    for start in range(0, len(positions), batch_size):
-        idx = positions[start : start + batch_size]
-        x = transform(images[idx].to(device, non_blocking=True), train=False)
-        out.append(module(x).float())
-        if task is not None:
-            progress.advance(task, len(idx))
+    with inference_autocast(module, device):
+        for start in range(0, len(positions), batch_size):
+            idx = positions[start : start + batch_size]
+            x = transform(images[idx].to(device, non_blocking=True), train=False)
+            out.append(module(x).float())
+            if task is not None:
+                progress.advance(task, len(idx))
     for bn, mom in zip(bns, saved_momentum):
         bn.momentum = mom
     module.train(was_training)

@@ -1,8 +1,8 @@
-"""Triplet-loss baseline with semi-hard negative mining (pytorch-metric-learning)."""
+"""Triplet-loss baseline with semi-hard negative mining (all semi-hard triplets of the batch, static shapes:
+src/models/components/triplet_loss.py, equal to pytorch-metric-learning's miner + loss)."""
 from __future__ import annotations
 
-from pytorch_metric_learning import losses, miners
-
+from src.models.components.triplet_loss import semihard_triplet_loss
 from src.models.embedding_module import EmbeddingModule
 
 
@@ -13,8 +13,7 @@ class TripletModule(EmbeddingModule):
         super().__init__(*args, **kwargs)
         if margin <= 0:
             raise ValueError(f"model.margin must be > 0, got {margin}")
-        self.miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
-        self.loss = losses.TripletMarginLoss(margin=margin)
+        self.margin = float(margin)
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
@@ -23,7 +22,7 @@ class TripletModule(EmbeddingModule):
             # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
             # from undoing the warm-up's embedding)
             return self.observe(batch, emb, self.warmup_loss(emb, y))
-        loss = self.loss(emb, y, self.miner(emb, y))
+        loss = semihard_triplet_loss(emb, y, self.margin)
         self.check_finite(loss, "triplet loss")
         self.log_train({"train/triplet": loss})
         return self.observe(batch, emb, loss)
