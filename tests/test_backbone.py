@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,3 +99,53 @@ def test_replaced_stem_keeps_every_other_pretrained_weight_and_names_the_fresh_o
 def test_unknown_stem_is_a_one_line_error_naming_the_key():
     with pytest.raises(ValueError, match=r"model.net.stem must be one of imagenet, cifar8, cifar, cifar32, got 'cifar16'"):
         EmbeddingNet(stem="cifar16")
+
+
+def test_torchvision_weights_load_from_the_torch_cache_without_a_download(tmp_path, monkeypatch):
+    """pretrained=true takes torchvision's IMAGENET1K_V1 file from the torch cache when it is there (the real
+    download path, tested offline with a file we save under torchvision's own file name)."""
+    from torchvision.models import GoogLeNet_Weights, googlenet
+
+    torch.manual_seed(0)
+    full = googlenet(weights=None, aux_logits=True, init_weights=True)  # the layout of torchvision's file
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(full.state_dict(), cache / Path(GoogLeNet_Weights.IMAGENET1K_V1.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    net = build_googlenet(True)
+    assert net.aux1 is None and net.transform_input is False
+    assert torch.equal(net.inception4c.branch1.conv.weight, full.inception4c.branch1.conv.weight)
+
+
+def test_pretrained_experiment_runs_offline_from_a_state_dict_file(tmp_path):
+    """experiment=magnet_cifar10_pretrained with model.net.pretrained=<file>: upsampled, ImageNet-normalised
+    images, a fixed K, the pretrained trunk loaded before training."""
+    import hydra
+
+    from src.train import train
+    from src.utils.compose import compose
+
+    torch.manual_seed(0)
+    source = build_googlenet(False)
+    path = tmp_path / "googlenet.pt"
+    torch.save(source.state_dict(), path)
+    overrides = ["experiment=magnet_cifar10_pretrained", f"model.net.pretrained={path}", "data=fake",
+                 "data.subset_size=null", "data.input_size=64", "debug=fdr", "callbacks.rich_progress_bar=null",
+                 "model.clusters.M=4", "model.clusters.D=4", "model.clusters.K=2"]
+    cfg = compose(overrides, tmp_path / "run")
+    assert cfg.data.normalization == "imagenet" and cfg.model.clusters.split_fraction is None
+    model = hydra.utils.instantiate(cfg.model)
+    assert torch.equal(model.net.trunk.inception5b.branch1.conv.weight, source.inception5b.branch1.conv.weight)
+    dm = hydra.utils.instantiate(cfg.data)
+    x = dm.transform(torch.full((1, 3, 32, 32), 124, dtype=torch.uint8), train=False)
+    assert x.shape == (1, 3, 64, 64) and abs(float(x[0, 0, 0, 0]) - (124 / 255 - 0.485) / 0.229) < 1e-4
+    results = train(cfg)
+    assert 0.0 <= results["test/magnet_acc"] <= 1.0
+
+
+def test_unknown_normalization_is_a_one_line_error():
+    from src.data.cifar10_datamodule import CIFAR10DataModule
+
+    with pytest.raises(ValueError, match="data.normalization must be one of cifar10, imagenet, got 'imagent'"):
+        CIFAR10DataModule(normalization="imagent")

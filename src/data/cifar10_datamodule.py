@@ -41,6 +41,11 @@ def per_class(total: int | None, num_classes: int) -> list[int | None]:
     return [base + (1 if c < extra else 0) for c in range(num_classes)]
 
 
+# per-channel statistics the images are normalised with: CIFAR-10's own (training from scratch) or ImageNet's
+# (what torchvision's pretrained weights were trained on)
+NORMALIZATION = {"cifar10": (MEAN, STD), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
 class CIFAR10DataModule(pl.LightningDataModule):
     num_classes = 10
 
@@ -62,6 +67,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         keep_on_device: bool = True,
         seed: int = 0,
         test_split: str = "test",
+        normalization: str = "cifar10",
     ):
         super().__init__()
         self.data_dir = Path(data_dir) if data_dir else Path(default_data_dir())
@@ -75,7 +81,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if test_split not in ("test", "val"):
             raise ValueError(f"data.test_split must be test or val, got {test_split!r}")
         self.test_split = test_split  # val: the test procedure on the validation split (src.eval split=val)
-        self.transform = BatchTransform(MEAN, STD, crop_padding=crop_padding, input_size=input_size)
+        if normalization not in NORMALIZATION:
+            raise ValueError(f"data.normalization must be one of {', '.join(NORMALIZATION)}, got {normalization!r}")
+        mean, std = NORMALIZATION[normalization]
+        self.transform = BatchTransform(mean, std, crop_padding=crop_padding, input_size=input_size)
         self._validate()
         self.increment = increment
         self.memory_indices = torch.empty(0, dtype=torch.long)  # extra train-pool images (replay buffer)
