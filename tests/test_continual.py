@@ -259,3 +259,36 @@ def test_softmax_der_resumes_mid_sequence_to_the_same_matrix(tmp_path, monkeypat
     for key in ("class_il", "task_il", "class_il_val"):
         np.testing.assert_allclose(np.array(resumed[key]["R"], dtype=float), np.array(full[key]["R"], dtype=float),
                                    rtol=0, atol=1e-6)
+
+
+def test_der_joint_forward_gives_the_three_pass_loss_when_batchnorm_uses_running_statistics():
+    """strategy.joint_forward only changes which images share BatchNorm's batch statistics: with BN on its
+    running statistics (eval mode) one pass over the concatenated batches is the same loss as three passes."""
+    import functools
+    import warnings
+
+    from src.continual.strategies.der import DER
+    from src.data.cifar10 import MEAN, STD
+    from src.data.transforms import BatchTransform
+    from src.models.components.backbone import EmbeddingNet
+    from src.models.softmax_module import SoftmaxModule
+
+    torch.manual_seed(0)
+    module = SoftmaxModule(net=EmbeddingNet(embedding_dim=8), optimizer=functools.partial(torch.optim.SGD, lr=0.1)).eval()
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(12) % 10
+    losses = []
+    for joint in (False, True):
+        der = DER(buffer_size=8, joint_forward=joint)
+        der._transform, der._train_images = BatchTransform(MEAN, STD), images
+        der.buffer.add(images[:8], labels[:8], torch.randn(8, 10, generator=torch.Generator().manual_seed(3)))
+        der.buffer.generator = torch.Generator().manual_seed(1)
+        torch.manual_seed(2)  # the augmentation's draws
+        x = der._transform(images[8:], train=True)
+        batch = (x, labels[8:], torch.arange(8, 12))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a trainer
+            emb = der.forward(module, x)
+            losses.append(der.observe(module, batch, emb, torch.tensor(0.0)))
+    assert losses[0] > 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

@@ -160,6 +160,10 @@ class EmbeddingModule(pl.LightningModule):
         self.log_train({"train/ce": loss})
         return loss
 
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings of a training batch, through the continual strategy's forward when one drives training."""
+        return self(x) if self.strategy is None else self.strategy.forward(self, x)
+
     def observe(self, batch, emb: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Every training step's loss goes through here: a continual strategy may add to it (distillation)."""
         if self.strategy is None:

@@ -59,7 +59,7 @@ class MagnetModule(EmbeddingModule):
 
     def training_step(self, batch, batch_idx):
         x, y, pos = batch
-        emb = self(x)
+        emb = self.training_forward(x)
         if self.in_warmup():
             return self.observe(batch, emb, self.warmup_loss(emb, y))
         # cluster ids gathered on the device: the step never asks the host for anything

@@ -23,7 +23,7 @@ class SoftmaxModule(EmbeddingModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        emb = self(x)
+        emb = self.training_forward(x)
         loss = F.cross_entropy(self.net.classifier(emb), y)
         self.check_finite(loss, "cross-entropy loss")
         self.log_train({"train/ce": loss})

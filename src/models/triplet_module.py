@@ -17,7 +17,7 @@ class TripletModule(EmbeddingModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        emb = self(x)
+        emb = self.training_forward(x)
         if self.current_epoch < self.warmup_epochs:
             # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
             # from undoing the warm-up's embedding)

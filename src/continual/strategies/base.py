@@ -22,6 +22,12 @@ class Strategy:
     def begin_task(self, t: int, module, datamodule) -> None:
         datamodule.cumulative = self.cumulative
 
+    def forward(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The training step's forward pass of the batch ``x``. A strategy may run extra images (a buffer
+        batch) through the same call, so that they share BatchNorm's batch statistics, and keep their outputs
+        for ``observe``; it returns the embeddings of ``x`` only."""
+        return module(x)
+
     def observe(self, module, batch, embeddings: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return loss
 

@@ -24,11 +24,17 @@ from src.utils.seeding import stream_generator
 class DER(Strategy):
     name = "der"
 
-    def __init__(self, buffer_size: int = 500, alpha: float = 0.2, beta: float = 0.5, seed: int = 0, **kwargs):
+    def __init__(self, buffer_size: int = 500, alpha: float = 0.2, beta: float = 0.5, seed: int = 0,
+                 joint_forward: bool = False, **kwargs):
         super().__init__(**kwargs)
         if alpha < 0 or beta < 0:
             raise ValueError(f"strategy.alpha and strategy.beta must be >= 0, got {alpha}, {beta}")
         self.alpha, self.beta, self.seed = alpha, beta, seed
+        # False: three forward passes per step (current batch, then each buffer batch), as the paper and mammoth.
+        # True: one pass over the three batches concatenated, so BatchNorm normalises old and new classes with
+        # the same batch statistics (Avalanche's DER does a joint pass).
+        self.joint_forward = joint_forward
+        self._buffer_outputs = None  # (embeddings, stored logits) of the alpha batch, (embeddings, labels) of beta
         self.buffer = ReservoirBuffer(buffer_size)
         self._train_images: torch.Tensor | None = None  # the increment's uint8 training images, on the device
         self._transform = None
@@ -43,22 +49,39 @@ class DER(Strategy):
         self._train_images = datamodule.train_arrays()[0]
         self._transform = datamodule.transform
 
+    def _buffer_batches(self, size: int):
+        """Two independent buffer batches of ``size`` (augmented): (images, stored logits), (images, labels)."""
+        images_a, _, stored = self.buffer.sample(size)
+        images_b, labels, _ = self.buffer.sample(size)
+        return (self._transform(images_a, train=True), stored), (self._transform(images_b, train=True), labels)
+
+    def forward(self, module, x):
+        if not (self.joint_forward and len(self.buffer)):
+            return module(x)
+        (xa, stored), (xb, labels) = self._buffer_batches(len(x))
+        emb = module(torch.cat([x, xa, xb]))
+        self._buffer_outputs = ((emb[len(x): len(x) + len(xa)], stored), (emb[len(x) + len(xa):], labels))
+        return emb[: len(x)]
+
     def observe(self, module, batch, embeddings, loss):
         x, y, positions = batch
         logits = module.classifier_logits(embeddings)
         if self._train_images.device != x.device:
             self._train_images = self._train_images.to(x.device)
         if len(self.buffer):
-            size = len(y)
+            if self._buffer_outputs is not None:  # computed in the joint forward pass
+                (emb_a, stored), (emb_b, labels) = self._buffer_outputs
+                self._buffer_outputs = None
+            else:
+                (xa, stored), (xb, labels) = self._buffer_batches(len(y))
+                emb_a = module(xa) if self.alpha else None
+                emb_b = module(xb) if self.beta else None
             if self.alpha:
-                images, _, stored = self.buffer.sample(size)
-                now = module.classifier_logits(module(self._transform(images, train=True)))
-                dark = F.mse_loss(now.float(), stored.float())
+                dark = F.mse_loss(module.classifier_logits(emb_a).float(), stored.float())
                 module.log_train({"train/der_mse": dark})
                 loss = loss + self.alpha * dark
             if self.beta:
-                images, labels, _ = self.buffer.sample(size)
-                ce = F.cross_entropy(module.classifier_logits(module(self._transform(images, train=True))), labels)
+                ce = F.cross_entropy(module.classifier_logits(emb_b), labels)
                 module.log_train({"train/der_ce": ce}, prog_bar=False)
                 loss = loss + self.beta * ce
         # the un-augmented images go in, with the logits the model gave their augmented view (as the paper)
