@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
                 ips = bare_step(stem, device, args.batch, args.steps, compiled)
                 figures[f"bare/{stem}/{'compiled' if compiled else 'eager'}"] = ips
                 print(f"1. bare cross-entropy step, stem {stem}, batch {args.batch}, {'compiled' if compiled else 'eager'}: "
-                      f"{ips:,.0f} img/s ({time.perf_counter() - start:.0f} s incl. compile)", flush=True)
+                      f"{ips:,.0f} img/s ({time.perf_counter() - start:.0f} s incl. warm-up and any compile)", flush=True)
     if "loop" in args.parts or "recluster" in args.parts:
         fitted = None
         for compiled in modes:
