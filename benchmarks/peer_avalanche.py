@@ -42,8 +42,10 @@ from src.utils.compose import compose
 from src.utils.io import atomic_write_text
 
 AVALANCHE_STRATEGIES = ("naive", "replay", "der")
-OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "der"), ("magnet", "replay"),
-        ("magnet", "magnet_memory"), ("magnet", "joint"))
+OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "der"), ("softmax", "der_three_pass"),
+        ("magnet", "replay"), ("magnet", "magnet_memory"), ("magnet", "joint"))
+# our strategies under another name: DER++ with the paper's three forward passes instead of our joint one
+VARIANTS = {"der_three_pass": ["strategy=der", "strategy.joint_forward=false"]}
 RUNS = (*(f"avalanche:{name}" for name in AVALANCHE_STRATEGIES), *(f"ours:{m}:{s}" for m, s in OURS))
 FAKE = ["data=fake", "data.subset_size=null", "data.val_size=50", "data.train_per_class=30", "data.test_per_class=10",
         "callbacks.rich_progress_bar=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
@@ -153,10 +155,10 @@ def run_avalanche(name: str, args, out: Path) -> dict:
 def run_ours(model: str, strategy: str, args, out: Path) -> dict:
     from src.train import train
 
-    over = [*base_overrides(args), f"strategy={strategy}"]
+    over = [*base_overrides(args), *VARIANTS.get(strategy, [f"strategy={strategy}"])]
     if model == "softmax":
         over.append("model=softmax")
-    if strategy in ("replay", "der", "magnet_memory"):
+    if strategy in ("replay", "der", "der_three_pass", "magnet_memory"):
         over.append(f"strategy.buffer_size={args.buffer}")
     start = time.perf_counter()
     res = train(compose(over, out / f"ours_{model}_{strategy}"))
