@@ -118,12 +118,11 @@ def test_torchvision_weights_load_from_the_torch_cache_without_a_download(tmp_pa
     assert torch.equal(net.inception4c.branch1.conv.weight, full.inception4c.branch1.conv.weight)
 
 
-def test_pretrained_experiment_runs_offline_from_a_state_dict_file(tmp_path):
+def test_pretrained_experiment_loads_a_state_dict_file_and_upsamples_with_imagenet_statistics(tmp_path):
     """experiment=magnet_cifar10_pretrained with model.net.pretrained=<file>: upsampled, ImageNet-normalised
     images, a fixed K, the pretrained trunk loaded before training."""
     import hydra
 
-    from src.train import train
     from src.utils.compose import compose
 
     torch.manual_seed(0)
@@ -140,8 +139,7 @@ def test_pretrained_experiment_runs_offline_from_a_state_dict_file(tmp_path):
     dm = hydra.utils.instantiate(cfg.data)
     x = dm.transform(torch.full((1, 3, 32, 32), 124, dtype=torch.uint8), train=False)
     assert x.shape == (1, 3, 64, 64) and abs(float(x[0, 0, 0, 0]) - (124 / 255 - 0.485) / 0.229) < 1e-4
-    results = train(cfg)
-    assert 0.0 <= results["test/magnet_acc"] <= 1.0
+    # (the experiment's training run is tests/test_train.py's fast_dev_run, with torchvision's file in the cache)
 
 
 def test_unknown_normalization_is_a_one_line_error():
