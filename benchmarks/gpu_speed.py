@@ -92,39 +92,22 @@ def magnet_loop(args, compiled: bool):
     """images/s of the magnet training loop through Lightning (K = 2 from the first epoch, no warm-up)."""
     import hydra
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
+    from magnet_speed import StepTimer  # benchmarks/, beside this script
 
     from src.callbacks.recluster import ReclusterCallback
     from src.utils.compose import compose
     from src.utils.instantiate import apply_accelerator_defaults
 
     device = torch.device(args.device)
-
-    class StepTimer(Callback):
-        """Wall time from the end of step ``skip`` to the end of the last step, the device drained at both."""
-
-        def __init__(self, skip: int, last: int):
-            self.skip, self.last, self.start, self.images, self.seconds = skip, last, None, 0, 0.0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == self.skip:
-                synchronize(device)
-                self.start = time.perf_counter()
-            elif batch_idx > self.skip:
-                self.images += len(batch[1])
-                if batch_idx == self.last:
-                    synchronize(device)
-                    self.seconds = time.perf_counter() - self.start
-
     cfg = compose([*loop_overrides(args, compiled), "model.warmup_epochs=0", "model.clusters.split_fraction=null",
                    "model.evaluation.tsne=false"], tempfile.mkdtemp())
     apply_accelerator_defaults(cfg.trainer, cfg.model)
     dm = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     skip = 5 if not compiled else 10  # compiled: the first steps compile and record the graphs
-    timer = StepTimer(skip, skip + args.steps)
+    timer = StepTimer(skip, last=skip + args.steps - 1, sync=lambda: synchronize(device))
     recluster = ReclusterCallback(seed=0, batch_size=args.embed_batch)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=skip + args.steps + 1, limit_val_batches=0, logger=False,
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=skip + args.steps, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer, recluster], accelerator=cfg.trainer.accelerator,
                          precision=cfg.trainer.precision, devices=1)

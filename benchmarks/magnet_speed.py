@@ -30,19 +30,26 @@ HAVE_REAL_DATA = (Path(default_data_dir()) / "cifar-10-batches-py" / "test_batch
 
 
 class StepTimer(Callback):
-    """Wall time of training steps after a few warm-up steps (allocator, first-call overheads)."""
+    """Wall time of training steps after ``skip`` warm-up steps (allocator, first-call overheads, compilation).
 
-    def __init__(self, skip: int = 5):
-        self.skip, self.start, self.images, self.seconds = skip, None, 0, 0.0
+    ``sync`` drains the device (e.g. ``torch.cuda.synchronize``) where the clock starts and at step ``last``, so an
+    accelerator's queued work is counted; the CPU needs none, and then every step end updates the time."""
+
+    def __init__(self, skip: int = 5, last: int | None = None, sync=lambda: None):
+        self.skip, self.last, self.sync = skip, last, sync
+        self.start, self.images, self.seconds = None, 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.skip:
+            self.sync()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.skip:
+        if batch_idx >= self.skip and (self.last is None or batch_idx <= self.last):
             self.images += len(batch[1])
-            self.seconds = time.perf_counter() - self.start
+            if self.last is None or batch_idx == self.last:
+                self.sync()
+                self.seconds = time.perf_counter() - self.start
 
 
 def setup(experiment: str, args, tmp: str, extra=()):

@@ -27,3 +27,18 @@ def make_cfg(tmp_path):
         return compose(list(overrides), tmp_path / "run", config_name)
 
     return _make
+
+
+def serve_torchvision_googlenet_offline(home: Path, mp: pytest.MonkeyPatch) -> torch.nn.Module:
+    """Put a randomly initialised GoogLeNet, in the layout and under the file name of torchvision's ImageNet
+    weights, into a private torch cache at ``home``, and make any download attempt fail the test: the real
+    ``pretrained=true`` path then runs offline. Returns the saved network."""
+    from torchvision.models import GoogLeNet_Weights, googlenet
+
+    full = googlenet(weights=None, aux_logits=True, init_weights=True)
+    cache = home / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(full.state_dict(), cache / Path(GoogLeNet_Weights.IMAGENET1K_V1.url).name)
+    mp.setenv("TORCH_HOME", str(home))
+    mp.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("a test tried to download"))
+    return full

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -104,15 +102,10 @@ def test_unknown_stem_is_a_one_line_error_naming_the_key():
 def test_torchvision_weights_load_from_the_torch_cache_without_a_download(tmp_path, monkeypatch):
     """pretrained=true takes torchvision's IMAGENET1K_V1 file from the torch cache when it is there (the real
     download path, tested offline with a file we save under torchvision's own file name)."""
-    from torchvision.models import GoogLeNet_Weights, googlenet
+    from tests.conftest import serve_torchvision_googlenet_offline
 
     torch.manual_seed(0)
-    full = googlenet(weights=None, aux_logits=True, init_weights=True)  # the layout of torchvision's file
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.save(full.state_dict(), cache / Path(GoogLeNet_Weights.IMAGENET1K_V1.url).name)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    full = serve_torchvision_googlenet_offline(tmp_path, monkeypatch)
     net = build_googlenet(True)
     assert net.aux1 is None and net.transform_input is False
     assert torch.equal(net.inception4c.branch1.conv.weight, full.inception4c.branch1.conv.weight)

@@ -16,15 +16,10 @@ FAST = ["data=fake", "data.subset_size=null", "logger=csv", "callbacks.rich_prog
 def offline_torchvision_weights(tmp_path_factory):
     """experiment=magnet_cifar10_pretrained asks for torchvision's ImageNet weights: serve a randomly initialised
     file of the same layout from a private torch cache, so these tests never reach for the network."""
-    from torchvision.models import GoogLeNet_Weights, googlenet
+    from tests.conftest import serve_torchvision_googlenet_offline
 
-    home = tmp_path_factory.mktemp("torch_home")
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(googlenet(weights=None, aux_logits=True, init_weights=True).state_dict(),
-               home / "hub" / "checkpoints" / Path(GoogLeNet_Weights.IMAGENET1K_V1.url).name)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(home))
-        mp.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("a test tried to download"))
+        serve_torchvision_googlenet_offline(tmp_path_factory.mktemp("torch_home"), mp)
         yield
 
 

@@ -73,12 +73,14 @@ def build_googlenet(pretrained: bool | str = False, dropout: float = 0.2, stem: 
         raise ValueError(f"model.net.stem must be one of {', '.join(STEMS)}, got {stem!r}")
     # Inputs are normalized with CIFAR statistics by the datamodule, so torchvision's ImageNet
     # re-normalization (transform_input) is always off.
-    if pretrained is True or (isinstance(pretrained, str) and pretrained.lower() == "true"):
+    from_torchvision = str(pretrained).lower() == "true"  # True, or "true" from the command line
+    from_file = not from_torchvision and pretrained not in (False, None) and str(pretrained).lower() != "false"
+    if from_torchvision:
         net = googlenet(weights=GoogLeNet_Weights.IMAGENET1K_V1, transform_input=False, dropout=dropout)
         net.aux_logits, net.aux1, net.aux2 = False, None, None
     else:
         net = googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False, dropout=dropout)
-        if pretrained not in (False, None) and str(pretrained).lower() != "false":
+        if from_file:
             state = _load_state_dict_file(Path(str(pretrained)).expanduser())
             state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "fc."))}
             missing, unexpected = net.load_state_dict(state, strict=False)
@@ -88,7 +90,7 @@ def build_googlenet(pretrained: bool | str = False, dropout: float = 0.2, stem: 
                     f"{pretrained} is not a GoogLeNet state dict: missing {missing[:3]}, unexpected {unexpected[:3]}"
                 )
     net.fc = nn.Identity()
-    replace_stem(net, stem, pretrained=pretrained not in (False, None) and str(pretrained).lower() != "false")
+    replace_stem(net, stem, pretrained=from_torchvision or from_file)
     return net
 
 
