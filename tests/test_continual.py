@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from src.continual.runner import cil_til_accuracies
 from src.continual.strategies.magnet_memory import shift_centroids
@@ -235,11 +236,13 @@ def test_reservoir_keeps_each_example_with_probability_size_over_n():
     assert torch.allclose(held / 400, torch.full((40,), 0.25), atol=0.08)
 
 
-@pytest.mark.parametrize("strategy", ["naive", "replay", "der", "joint"])
+@pytest.mark.parametrize("strategy", ["naive", "replay", "replay_batch", "der", "joint"])
 def test_softmax_runs_the_sequence_with_logit_read_out(tmp_path, strategy):
-    extra = ["model=softmax", "debug=fdr", f"strategy={strategy}"]
-    if strategy in ("replay", "der"):
+    extra = ["model=softmax", "debug=fdr", f"strategy={strategy.removesuffix('_batch')}"]
+    if strategy.startswith(("replay", "der")):
         extra.append("strategy.buffer_size=20")
+    if strategy == "replay_batch":
+        extra.append("strategy.replay_mode=batch")
     results = run(tmp_path, strategy, *extra)
     R = np.array(results["class_il"]["R"], dtype=float)
     assert np.isfinite(R[np.tril_indices(5)]).all() and np.isnan(R[np.triu_indices(5, 1)]).all()
@@ -248,6 +251,51 @@ def test_softmax_runs_the_sequence_with_logit_read_out(tmp_path, strategy):
 def test_der_fails_in_one_line_with_a_magnet_model(tmp_path):
     with pytest.raises(ValueError, match="strategy=der needs classifier logits.*model=softmax"):
         run(tmp_path, "der_magnet", "debug=fdr", "strategy=der", "strategy.buffer_size=20")
+
+
+def test_replay_batch_mode_fails_in_one_line_with_a_magnet_model(tmp_path):
+    with pytest.raises(ValueError, match="strategy.replay_mode=batch needs classifier logits.*replay_mode=dataset"):
+        run(tmp_path, "replay_batch_magnet", "debug=fdr", "strategy=replay", "strategy.replay_mode=batch")
+
+
+def test_replay_batch_mode_keeps_the_memory_out_of_the_epoch_and_appends_it_to_each_step():
+    """replay_mode=batch: the increment trains on its own images only, and each step's loss is one cross-entropy
+    over the current batch and an equally large, augmented memory batch (naive reference below)."""
+    import functools
+    import types
+    import warnings
+
+    from src.continual.strategies.replay import Replay
+    from src.data.cifar10 import MEAN, STD
+    from src.data.transforms import BatchTransform
+    from src.models.components.backbone import EmbeddingNet
+    from src.models.softmax_module import SoftmaxModule
+
+    torch.manual_seed(0)
+    module = SoftmaxModule(net=EmbeddingNet(embedding_dim=8), optimizer=functools.partial(torch.optim.SGD, lr=0.1)).eval()
+    train_x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    train_y = torch.arange(40) % 4
+    dm = types.SimpleNamespace(transform=BatchTransform(MEAN, STD), memory_indices=None,
+                               pool_arrays=lambda idx: (train_x[idx], train_y[idx]))
+    replay = Replay(buffer_size=8, replay_mode="batch", seed=3)
+    replay.memory = {0: torch.tensor([0, 4, 8, 12]), 1: torch.tensor([1, 5, 9, 13])}
+    replay.begin_task(1, module, dm)
+    assert len(dm.memory_indices) == 0  # the memory does not join the increment's training set
+    x, y = dm.transform(train_x[[2, 3, 6]], train=True), train_y[[2, 3, 6]]
+    generator_state, rng_state = replay._generator.get_state(), torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        emb = replay.forward(module, x)
+        loss = replay.observe(module, (x, y, torch.arange(3)), emb, F.cross_entropy(module.classifier_logits(emb), y))
+    # reference: draw the same three memory images, augment them with the same draws, one cross-entropy
+    replay._generator.set_state(generator_state)
+    torch.set_rng_state(rng_state)
+    pick = torch.randperm(8, generator=replay._generator)[:3]
+    memory = torch.tensor([0, 4, 8, 12, 1, 5, 9, 13])[pick]
+    both = torch.cat([x, dm.transform(train_x[memory], train=True)])
+    expected = F.cross_entropy(module.classifier_logits(module(both)), torch.cat([y, train_y[memory]]))
+    assert set(train_y[memory].tolist()) <= {0, 1}
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_softmax_der_resumes_mid_sequence_to_the_same_matrix(tmp_path, monkeypatch):

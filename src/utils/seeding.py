@@ -1,7 +1,7 @@
 """One place that turns the run's ``seed`` into the seed of each random stream.
 
 Every stream (augmentation and dropout, batch order, neighbourhood sampling, k-means, exemplar
-selection) is keyed by (seed, stream, increment, epoch, rank), so no two increments or epochs replay
+selection, replay draws) is keyed by (seed, stream, increment, epoch, rank), so no two increments or epochs replay
 the same draws, and a resumed run draws exactly what the uninterrupted one would have drawn."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import torch
 
-STREAMS = ("global", "batches", "kmeans", "exemplars")
+STREAMS = ("global", "batches", "kmeans", "exemplars", "replay")
 
 
 def stream_seed(seed: int, stream: str, increment: int | None = 0, epoch: int = 0, rank: int = 0,

@@ -39,6 +39,7 @@ class Distill(Replay):
         return torch.nn.functional.smooth_l1_loss(ds / ds.mean().clamp_min(1e-8), dt / dt.mean().clamp_min(1e-8))
 
     def observe(self, module, batch, embeddings, loss):
+        loss = super().observe(module, batch, embeddings, loss)  # the memory batch's loss, in replay_mode=batch
         if self.teacher is None or self.weight == 0:
             return loss
         if self._teacher_device != embeddings.device:  # once, not a walk over the modules every step
