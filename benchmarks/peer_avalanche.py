@@ -21,10 +21,9 @@ What is shared, so that only the library differs:
   (`logit_cil_til_accuracies`: argmax over the seen classes' logits, Task-IL over the increment's own).
 
 What cannot be shared: Avalanche's Replay and DER draw a second mini-batch of the same size from the buffer
-at every step (so a step sees twice the images), while our `replay` adds the memory to the increment's data
-(`replay_batch`, i.e. `strategy.replay_mode=batch`, appends a memory batch to every step as Avalanche does) and
-our DER++ draws its buffer batches inside the step; Avalanche's Replay keeps a class-balanced random memory,
-ours a herded one.
+at every step (so a step sees twice the images), as our softmax `replay` (`strategy.replay_mode=auto` = batch)
+and DER++ do, while our magnet strategies (and `replay_dataset`, the softmax replay before 2026-11-28) add the
+memory to the increment's data; Avalanche's Replay keeps a class-balanced random memory, ours a herded one.
 """
 from __future__ import annotations
 
@@ -43,12 +42,12 @@ from src.utils.compose import compose
 from src.utils.io import atomic_write_text
 
 AVALANCHE_STRATEGIES = ("naive", "replay", "der")
-OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "replay_batch"), ("softmax", "der"), ("softmax", "der_three_pass"),
+OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "replay_dataset"), ("softmax", "der"), ("softmax", "der_three_pass"),
         ("magnet", "replay"), ("magnet", "magnet_memory"), ("magnet", "joint"))
-# our strategies under another name: DER++ with the paper's three forward passes instead of our joint one; replay
-# with a memory batch appended to every step (Avalanche's Replay) instead of the memory joining the epoch
+# our strategies under another name: DER++ with the paper's three forward passes instead of our joint one; softmax
+# replay with the memory joining the epoch (as magnet models replay) instead of a memory batch appended to each step
 VARIANTS = {"der_three_pass": ["strategy=der", "strategy.joint_forward=false"],
-            "replay_batch": ["strategy=replay", "strategy.replay_mode=batch"]}
+            "replay_dataset": ["strategy=replay", "strategy.replay_mode=dataset"]}
 RUNS = (*(f"avalanche:{name}" for name in AVALANCHE_STRATEGIES), *(f"ours:{m}:{s}" for m, s in OURS))
 FAKE = ["data=fake", "data.subset_size=null", "data.val_size=50", "data.train_per_class=30", "data.test_per_class=10",
         "callbacks.rich_progress_bar=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
@@ -161,7 +160,7 @@ def run_ours(model: str, strategy: str, args, out: Path) -> dict:
     over = [*base_overrides(args), *VARIANTS.get(strategy, [f"strategy={strategy}"])]
     if model == "softmax":
         over.append("model=softmax")
-    if strategy in ("replay", "replay_batch", "der", "der_three_pass", "magnet_memory"):
+    if strategy in ("replay", "replay_dataset", "der", "der_three_pass", "magnet_memory"):
         over.append(f"strategy.buffer_size={args.buffer}")
     start = time.perf_counter()
     res = train(compose(over, out / f"ours_{model}_{strategy}"))

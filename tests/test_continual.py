@@ -236,13 +236,13 @@ def test_reservoir_keeps_each_example_with_probability_size_over_n():
     assert torch.allclose(held / 400, torch.full((40,), 0.25), atol=0.08)
 
 
-@pytest.mark.parametrize("strategy", ["naive", "replay", "replay_batch", "der", "joint"])
+@pytest.mark.parametrize("strategy", ["naive", "replay", "replay_dataset", "der", "joint"])
 def test_softmax_runs_the_sequence_with_logit_read_out(tmp_path, strategy):
-    extra = ["model=softmax", "debug=fdr", f"strategy={strategy.removesuffix('_batch')}"]
+    extra = ["model=softmax", "debug=fdr", f"strategy={strategy.removesuffix('_dataset')}"]
     if strategy.startswith(("replay", "der")):
         extra.append("strategy.buffer_size=20")
-    if strategy == "replay_batch":
-        extra.append("strategy.replay_mode=batch")
+    if strategy == "replay_dataset":  # the memory mixed into the epoch, as a magnet model replays it
+        extra.append("strategy.replay_mode=dataset")
     results = run(tmp_path, strategy, *extra)
     R = np.array(results["class_il"]["R"], dtype=float)
     assert np.isfinite(R[np.tril_indices(5)]).all() and np.isnan(R[np.triu_indices(5, 1)]).all()
@@ -259,7 +259,7 @@ def test_replay_batch_mode_fails_in_one_line_with_a_magnet_model(tmp_path):
 
 
 def test_replay_batch_mode_keeps_the_memory_out_of_the_epoch_and_appends_it_to_each_step():
-    """replay_mode=batch: the increment trains on its own images only, and each step's loss is one cross-entropy
+    """replay_mode=batch (auto with softmax): the increment trains on its own images only, and each step's loss is one cross-entropy
     over the current batch and an equally large, augmented memory batch (naive reference below)."""
     import functools
     import types
@@ -277,9 +277,16 @@ def test_replay_batch_mode_keeps_the_memory_out_of_the_epoch_and_appends_it_to_e
     train_y = torch.arange(40) % 4
     dm = types.SimpleNamespace(transform=BatchTransform(MEAN, STD), memory_indices=None,
                                pool_arrays=lambda idx: (train_x[idx], train_y[idx]))
-    replay = Replay(buffer_size=8, replay_mode="batch", seed=3)
-    replay.memory = {0: torch.tensor([0, 4, 8, 12]), 1: torch.tensor([1, 5, 9, 13])}
+    memory = {0: torch.tensor([0, 4, 8, 12]), 1: torch.tensor([1, 5, 9, 13])}
+    # the default, auto, replays in the epoch for a model without logits (magnet) and per batch for softmax
+    magnet_like = Replay(buffer_size=8)
+    magnet_like.memory = memory
+    magnet_like.begin_task(1, types.SimpleNamespace(predicts_with_logits=False), dm)
+    assert magnet_like.replay_mode == "dataset" and dm.memory_indices.tolist() == [0, 4, 8, 12, 1, 5, 9, 13]
+    replay = Replay(buffer_size=8, seed=3)
+    replay.memory = memory
     replay.begin_task(1, module, dm)
+    assert replay.replay_mode == "batch"
     assert len(dm.memory_indices) == 0  # the memory does not join the increment's training set
     x, y = dm.transform(train_x[[2, 3, 6]], train=True), train_y[[2, 3, 6]]
     generator_state, rng_state = replay._generator.get_state(), torch.get_rng_state()
