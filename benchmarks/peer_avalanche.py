@@ -191,11 +191,14 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    # tab20's strong shades first, then its light ones: distinct colours for up to 20 runs (tab10 repeats at 11)
+    tab20 = plt.get_cmap("tab20")
+    colours = [tab20(k) for k in (*range(0, 20, 2), *range(1, 20, 2))]
+    for i, r in enumerate(rows):
         R = r["R"]["cil"]
         curve = [np.nanmean(R[t, : t + 1]) for t in range(R.shape[0])]
         style = "--" if r["library"] != "ours" else "-"
-        ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], style, marker="o",
+        ax.plot(range(1, len(curve) + 1), [100 * c for c in curve], style, marker="o", color=colours[i % len(colours)],
                 label=f"{r['library'].split()[0]} {r['model']} {r['strategy']}")
     ax.set_xlabel("increment"), ax.set_ylabel("Class-IL accuracy on seen classes (%)")
     ax.set_xticks(range(1, rows[0]["R"]["cil"].shape[0] + 1)), ax.grid(alpha=0.3), ax.legend(fontsize=7)

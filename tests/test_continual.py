@@ -270,6 +270,7 @@ def test_replay_batch_mode_keeps_the_memory_out_of_the_epoch_and_appends_it_to_e
     from src.data.transforms import BatchTransform
     from src.models.components.backbone import EmbeddingNet
     from src.models.softmax_module import SoftmaxModule
+    from src.utils.seeding import stream_generator
 
     torch.manual_seed(0)
     module = SoftmaxModule(net=EmbeddingNet(embedding_dim=8), optimizer=functools.partial(torch.optim.SGD, lr=0.1)).eval()
@@ -289,15 +290,14 @@ def test_replay_batch_mode_keeps_the_memory_out_of_the_epoch_and_appends_it_to_e
     assert replay.replay_mode == "batch"
     assert len(dm.memory_indices) == 0  # the memory does not join the increment's training set
     x, y = dm.transform(train_x[[2, 3, 6]], train=True), train_y[[2, 3, 6]]
-    generator_state, rng_state = replay._generator.get_state(), torch.get_rng_state()
+    rng_state = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer
         emb = replay.forward(module, x)
         loss = replay.observe(module, (x, y, torch.arange(3)), emb, F.cross_entropy(module.classifier_logits(emb), y))
     # reference: draw the same three memory images, augment them with the same draws, one cross-entropy
-    replay._generator.set_state(generator_state)
     torch.set_rng_state(rng_state)
-    pick = torch.randperm(8, generator=replay._generator)[:3]
+    pick = torch.randperm(8, generator=stream_generator(3, "replay", 1))[:3]  # seed 3, increment 1, rank 0
     memory = torch.tensor([0, 4, 8, 12, 1, 5, 9, 13])[pick]
     both = torch.cat([x, dm.transform(train_x[memory], train=True)])
     expected = F.cross_entropy(module.classifier_logits(module(both)), torch.cat([y, train_y[memory]]))

@@ -66,7 +66,7 @@ class Replay(Strategy):
                 raise ValueError(f"strategy.replay_mode=batch needs classifier logits; {type(module).__name__} has none. "
                                  "Use model=softmax, or strategy.replay_mode=dataset (a magnet model clusters its exemplars)")
             self._transform = datamodule.transform
-            self._generator = stream_generator(self.seed, "replay", t)  # a resumed sequence repeats the draws
+            self._increment, self._generator = t, None  # drawn at the first step, once the rank is known
             idx = self.memory_indices()
             self._memory_batch_source = datamodule.pool_arrays(idx) if len(idx) else None
         self._publish_memory(datamodule)
@@ -81,6 +81,9 @@ class Replay(Strategy):
         images, labels = self._memory_batch_source
         if images.device != x.device:
             images, labels = self._memory_batch_source = images.to(x.device), labels.to(x.device)
+        if self._generator is None:  # keyed by (seed, increment, rank): a resumed sequence repeats the draws, and
+            # under DDP each rank draws other memory images
+            self._generator = stream_generator(self.seed, "replay", self._increment, rank=module.global_rank)
         pick = torch.randperm(len(images), generator=self._generator)[: len(x)].to(x.device, non_blocking=True)
         emb = module(torch.cat([x, self._transform(images[pick], train=True)]))
         self._memory_outputs = emb[len(x):], labels[pick]
