@@ -91,6 +91,7 @@ def test_memory_respects_size_and_stays_class_balanced(tmp_path):
             return self.net(x)
 
         device = torch.device("cpu")
+        predicts_with_logits = False  # a magnet-like model: replay_mode=auto puts the memory in the training set
 
     dm = FakeDataModule(train_per_class=30, test_per_class=5, val_size=50, subset_size=None)
     dm.setup()
