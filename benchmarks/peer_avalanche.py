@@ -157,10 +157,11 @@ def run_avalanche(name: str, args, out: Path) -> dict:
 def run_ours(model: str, strategy: str, args, out: Path) -> dict:
     from src.train import train
 
-    over = [*base_overrides(args), *VARIANTS.get(strategy, [f"strategy={strategy}"])]
+    strategy_over = VARIANTS.get(strategy, [f"strategy={strategy}"])
+    over = [*base_overrides(args), *strategy_over]
     if model == "softmax":
         over.append("model=softmax")
-    if strategy in ("replay", "replay_dataset", "der", "der_three_pass", "magnet_memory"):
+    if strategy_over[0].removeprefix("strategy=") in ("replay", "der", "magnet_memory"):  # a variant's own strategy
         over.append(f"strategy.buffer_size={args.buffer}")
     start = time.perf_counter()
     res = train(compose(over, out / f"ours_{model}_{strategy}"))

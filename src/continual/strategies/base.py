@@ -28,6 +28,12 @@ class Strategy:
         for ``observe``; it returns the embeddings of ``x`` only."""
         return module(x)
 
+    @staticmethod
+    def forward_together(module, x: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One forward pass over ``x`` and the ``extra`` batches concatenated (so BatchNorm's batch statistics
+        cover them all), split back into the embeddings of each."""
+        return module(torch.cat([x, *extra])).split([len(x), *(len(e) for e in extra)])
+
     def observe(self, module, batch, embeddings: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return loss
 

@@ -61,9 +61,9 @@ class DER(Strategy):
         if not (self.joint_forward and len(self.buffer)):
             return module(x)
         (xa, stored), (xb, labels) = self._buffer_batches(len(x))
-        emb = module(torch.cat([x, xa, xb]))
-        self._buffer_outputs = ((emb[len(x): len(x) + len(xa)], stored), (emb[len(x) + len(xa):], labels))
-        return emb[: len(x)]
+        emb, emb_a, emb_b = self.forward_together(module, x, xa, xb)
+        self._buffer_outputs = ((emb_a, stored), (emb_b, labels))
+        return emb
 
     def observe(self, module, batch, embeddings, loss):
         x, y, positions = batch
