@@ -153,10 +153,11 @@ class EmbeddingModule(pl.LightningModule):
         sched = self.hparams.scheduler(optimizer=opt, **kwargs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def warmup_loss(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy through the classifier head, for the warm-up epochs before the method's own loss."""
+    def classifier_loss(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy through the classifier head: the warm-up epochs before the method's own loss, and the optional
+        auxiliary term (model.ce_weight)."""
         loss = nn.functional.cross_entropy(self.net.classifier(emb), y)
-        self.check_finite(loss, "cross-entropy warm-up loss")
+        self.check_finite(loss, "cross-entropy loss")
         self.log_train({"train/ce": loss})
         return loss
 

@@ -15,7 +15,7 @@ class MagnetModule(EmbeddingModule):
     uses_neighbourhood_sampler = True
 
     def __init__(self, *args, loss: MagnetLoss, variance_momentum: float = 0.9, eval_variance_source: str = "running",
-                 bn_mode: str = "batch", **kwargs):
+                 bn_mode: str = "batch", ce_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if bn_mode not in ("batch", "frozen"):
             raise ValueError(f"model.bn_mode must be batch or frozen, got {bn_mode!r}")
@@ -28,14 +28,19 @@ class MagnetModule(EmbeddingModule):
             raise ValueError(f"model.variance_momentum must be in [0, 1), got {variance_momentum}")
         if eval_variance_source not in ("running", "index"):
             raise ValueError(f"model.eval_variance_source must be running or index, got {eval_variance_source!r}")
+        if not ce_weight >= 0:
+            raise ValueError(f"model.ce_weight must be >= 0, got {ce_weight}")
+        # Cross-entropy through the classifier head added to the magnet loss after the warm-up (not in the
+        # paper; 0 = the paper's loss). The magnet rule still classifies and selects checkpoints.
+        self.ce_weight = float(ce_weight)
         self.loss = loss
         self.variance_momentum = variance_momentum
         self.eval_variance_source = eval_variance_source
         self.register_buffer("running_variance", torch.tensor(float("nan")))
 
     def classifier_logits(self, emb):
-        # The warm-up classifier is only meaningful before magnet training starts.
-        return self.net.classifier(emb) if self.cluster_state.index is None else None
+        # The classifier head trains during the warm-up, and afterwards only with a cross-entropy term.
+        return self.net.classifier(emb) if self.cluster_state.index is None or self.ce_weight > 0 else None
 
     def eval_variance(self) -> float:
         rv = float(self.running_variance)
@@ -61,7 +66,7 @@ class MagnetModule(EmbeddingModule):
         x, y, pos = batch
         emb = self.training_forward(x)
         if self.in_warmup():
-            return self.observe(batch, emb, self.warmup_loss(emb, y))
+            return self.observe(batch, emb, self.classifier_loss(emb, y))
         # cluster ids gathered on the device: the step never asks the host for anything
         assignments, cluster_labels = self.cluster_state.index_on(emb.device)
         loss, per_example, variance, lacking = self.loss.indexed(emb.float(), assignments[pos], y, cluster_labels)  # fp32
@@ -70,6 +75,8 @@ class MagnetModule(EmbeddingModule):
         self.cluster_state.record_losses(pos, per_example)
         self.update_running_variance(variance)
         self.log_train({"train/magnet": loss, "train/sigma2": variance})
+        if self.ce_weight > 0:  # a config constant, not a value on the device: no host sync
+            loss = loss + self.ce_weight * self.classifier_loss(emb, y)
         return self.observe(batch, emb, loss)
 
     @torch.no_grad()

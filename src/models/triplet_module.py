@@ -21,7 +21,7 @@ class TripletModule(EmbeddingModule):
         if self.current_epoch < self.warmup_epochs:
             # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
             # from undoing the warm-up's embedding)
-            return self.observe(batch, emb, self.warmup_loss(emb, y))
+            return self.observe(batch, emb, self.classifier_loss(emb, y))
         loss = semihard_triplet_loss(emb, y, self.margin)
         self.check_finite(loss, "triplet loss")
         self.log_train({"train/triplet": loss})
