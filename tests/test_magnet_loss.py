@@ -168,3 +168,45 @@ def test_indexed_loss_flags_an_example_without_impostor_instead_of_nan():
     assert bool(lacking) and torch.equal(losses, torch.zeros(6))
     losses.sum().backward()
     assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_module_loss_is_magnet_plus_weighted_cross_entropy(ce_weight):
+    """model.ce_weight adds ce_weight x cross-entropy of the classifier head to the magnet loss of the same batch
+    (reference computed by hand from the same embeddings); 0 leaves the paper's loss alone."""
+    from pathlib import Path
+
+    import hydra
+    import torch.nn.functional as F
+
+    from src.models.components.cluster_index import build_cluster_index
+    from tests.conftest import compose
+
+    cfg = compose(["model.warmup_epochs=0", "model.clusters.split_fraction=null", "model.clusters.K=2",
+                   f"model.ce_weight={ce_weight}"], Path("/tmp/unused"))
+    model = hydra.utils.instantiate(cfg.model).eval()  # eval: BatchNorm gives the same embeddings on every call
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.arange(3).repeat_interleave(4)
+    with torch.no_grad():
+        emb = model(x)
+    model.cluster_state.index = build_cluster_index(emb, y, k=2, seed=0)
+    pos = torch.arange(12)
+    loss = model.training_step((x, y, pos), 0)
+
+    assignments, cluster_labels = model.cluster_state.index_on(emb.device)
+    magnet, *_ = model.loss.indexed(emb, assignments[pos], y, cluster_labels)
+    expected = magnet + ce_weight * F.cross_entropy(model.net.classifier(emb), y)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert (model.classifier_logits(emb) is not None) == (ce_weight > 0)
+
+
+def test_negative_ce_weight_is_rejected():
+    from pathlib import Path
+
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from tests.conftest import compose
+
+    with pytest.raises(InstantiationException, match="model.ce_weight must be >= 0"):
+        hydra.utils.instantiate(compose(["model.ce_weight=-1"], Path("/tmp/unused")).model)

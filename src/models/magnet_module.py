@@ -82,7 +82,7 @@ class MagnetModule(EmbeddingModule):
     @torch.no_grad()
     def update_running_variance(self, variance: torch.Tensor) -> None:
         v = variance.detach().clone().float()  # all_reduce works in place: never on the graph's tensor
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             v = self.trainer.strategy.reduce(v, reduce_op="mean")
         # first batch: take it; then the moving average (a device-side choice, no host branch)
         averaged = self.running_variance * self.variance_momentum + (1 - self.variance_momentum) * v
