@@ -206,8 +206,9 @@ def test_k_schedule_and_checkpoint_selection_window(make_cfg):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["trainer.max_epochs=5", "model.warmup_epochs=5"],
+    (["trainer.max_epochs=5", "model.warmup_epochs=5", "model.clusters.split_fraction=0.7"],
      r"model.warmup_epochs=5 and model.clusters.split_fraction=0.7 leave no epoch .* final K=2 within trainer.max_epochs=5"),
+    (["trainer.max_epochs=20"], r"model.warmup_epochs=25 and model.clusters.split_fraction=None leave no epoch"),
     (["experiment=triplet_cifar10", "trainer.max_epochs=2", "model.warmup_epochs=2"],
      r"model.warmup_epochs=2 and model.clusters.split_fraction=None leave no epoch"),
     (["model.clusters.split_fraction=1.0"], r"model.clusters.split_fraction must be null or in \[0, 1\)"),
@@ -226,12 +227,12 @@ def test_a_run_that_would_never_train_its_final_k_fails_in_one_line(make_cfg, ov
 
 
 def test_short_debug_run_trains_and_tests_the_final_k(make_cfg):
-    """debug=limit (3 epochs) with the default schedule: the old absolute split at epoch 35 never reached
-    K=2 and tested a cross-entropy warm-up checkpoint; now the last epoch trains with K=2 and is selected."""
+    """debug=limit (3 epochs) with a K schedule: the old absolute split at epoch 35 never reached K=2 and
+    tested a cross-entropy warm-up checkpoint; now the last epoch trains with K=2 and is selected."""
     from src.train import train
 
     cfg = make_cfg("experiment=magnet_cifar10", "debug=limit", *FAST, "model.evaluation.tsne=false",
-                   "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0")  # fake data: one batch each
+                   "model.clusters.split_fraction=0.7", "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0")  # fake data: one batch each
     results = train(cfg)
     ckpt = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["epoch"] >= 2  # split at floor(0.7 * 3) = 2: only the last epoch is selectable
