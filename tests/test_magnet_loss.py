@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from src.models.components.magnet_loss import MagnetLoss, magnet_loss, magnet_predict
@@ -210,3 +211,47 @@ def test_negative_ce_weight_is_rejected():
 
     with pytest.raises(InstantiationException, match="model.ce_weight must be >= 0"):
         hydra.utils.instantiate(compose(["model.ce_weight=-1"], Path("/tmp/unused")).model)
+
+
+class RecordLearningRates(pl.Callback):
+    """(epoch, learning rate) of every training step of the last run it was part of."""
+    rates: list[tuple[int, float]] = []
+
+    def on_fit_start(self, trainer, module):
+        RecordLearningRates.rates = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        RecordLearningRates.rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_lr_scale_after_warmup_multiplies_the_scheduled_rate_once_magnet_trains(tmp_path):
+    """model.lr_scale_after_warmup: every step of the warm-up uses the scheduler's rate, every magnet step
+    (from the first of the first magnet epoch) that rate times the factor; compared step by step with the
+    same run unscaled."""
+    from src.train import train
+    from tests.conftest import compose
+
+    def recorded_rates(scale):
+        train(compose(["experiment=magnet_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
+                       "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1",
+                       "model.clusters.M=4", "model.clusters.D=4", "test=false", f"model.lr_scale_after_warmup={scale}",
+                       "+callbacks.record_lr._target_=tests.test_magnet_loss.RecordLearningRates"], tmp_path / str(scale)))
+        return RecordLearningRates.rates
+
+    plain, scaled = recorded_rates(1.0), recorded_rates(0.1)
+    assert [e for e, _ in plain] == [e for e, _ in scaled] and {e for e, _ in plain} == {0, 1, 2}
+    for (epoch, lr), (_, lr_scaled) in zip(plain, scaled):
+        assert lr_scaled == pytest.approx(lr * (0.1 if epoch >= 1 else 1.0), rel=1e-9)
+    assert len({lr for _, lr in plain}) > 3  # the scheduler really moves the rate
+
+
+def test_lr_scale_after_warmup_must_be_positive():
+    from pathlib import Path
+
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from tests.conftest import compose
+
+    with pytest.raises(InstantiationException, match="model.lr_scale_after_warmup must be > 0"):
+        hydra.utils.instantiate(compose(["model.lr_scale_after_warmup=0"], Path("/tmp/unused")).model)

@@ -15,7 +15,7 @@ class MagnetModule(EmbeddingModule):
     uses_neighbourhood_sampler = True
 
     def __init__(self, *args, loss: MagnetLoss, variance_momentum: float = 0.9, eval_variance_source: str = "running",
-                 bn_mode: str = "batch", ce_weight: float = 0.0, **kwargs):
+                 bn_mode: str = "batch", ce_weight: float = 0.0, lr_scale_after_warmup: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if bn_mode not in ("batch", "frozen"):
             raise ValueError(f"model.bn_mode must be batch or frozen, got {bn_mode!r}")
@@ -33,6 +33,11 @@ class MagnetModule(EmbeddingModule):
         # Cross-entropy through the classifier head added to the magnet loss after the warm-up (not in the
         # paper; 0 = the paper's loss). The magnet rule still classifies and selects checkpoints.
         self.ce_weight = float(ce_weight)
+        if not lr_scale_after_warmup > 0:
+            raise ValueError(f"model.lr_scale_after_warmup must be > 0, got {lr_scale_after_warmup}")
+        # The scheduler's learning rate times this factor once magnet loss trains (not in the paper; 1 = off).
+        # The cross-entropy phase stands in for a pretrained start, and the paper fine-tunes such a start.
+        self.lr_scale_after_warmup = float(lr_scale_after_warmup)
         self.loss = loss
         self.variance_momentum = variance_momentum
         self.eval_variance_source = eval_variance_source
@@ -50,6 +55,30 @@ class MagnetModule(EmbeddingModule):
 
     def in_warmup(self) -> bool:
         return self.current_epoch < self.warmup_epochs
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self.lr_scale_after_warmup != 1.0 and not isinstance(config, dict):
+            raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
+                             "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
+        return config
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step() if metric is None else scheduler.step(metric)
+        self.scale_lr_after_warmup(scheduler)
+
+    def on_train_epoch_start(self) -> None:
+        # The scheduler last stepped inside the warm-up: the first magnet epoch needs the factor before its
+        # first step. Setting it from the scheduler's own value keeps this idempotent (e.g. after a resume).
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            self.scale_lr_after_warmup(scheduler)
+
+    def scale_lr_after_warmup(self, scheduler) -> None:
+        if self.lr_scale_after_warmup == 1.0 or self.in_warmup():
+            return
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr * self.lr_scale_after_warmup
 
     def train_batch_sampler(self, num_examples, seed, increment, rank, world_size):
         return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,
