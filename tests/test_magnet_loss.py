@@ -213,36 +213,69 @@ def test_negative_ce_weight_is_rejected():
         hydra.utils.instantiate(compose(["model.ce_weight=-1"], Path("/tmp/unused")).model)
 
 
-class RecordLearningRates(pl.Callback):
-    """(epoch, learning rate) of every training step of the last run it was part of."""
-    rates: list[tuple[int, float]] = []
+class RecordTrainingSteps(pl.Callback):
+    """Per training step of the last run it was part of: (epoch, learning rate, are all BatchNorm layers in
+    training mode, sum of their running means before the step, after the step)."""
+    steps: list[tuple[int, float, bool, float, float]] = []
+
+    @staticmethod
+    def batchnorms(module):
+        return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     def on_fit_start(self, trainer, module):
-        RecordLearningRates.rates = []
+        RecordTrainingSteps.steps = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        RecordLearningRates.rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+        self._before = sum(float(m.running_mean.sum()) for m in self.batchnorms(module))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        bns = self.batchnorms(module)
+        RecordTrainingSteps.steps.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"],
+                                          all(m.training for m in bns), self._before,
+                                          sum(float(m.running_mean.sum()) for m in bns)))
 
 
-def test_lr_scale_after_warmup_multiplies_the_scheduled_rate_once_magnet_trains(tmp_path):
-    """model.lr_scale_after_warmup: every step of the warm-up uses the scheduler's rate, every magnet step
-    (from the first of the first magnet epoch) that rate times the factor; compared step by step with the
-    same run unscaled."""
+def run_fake_magnet(tmp_path, *overrides):
     from src.train import train
     from tests.conftest import compose
 
-    def recorded_rates(scale):
-        train(compose(["experiment=magnet_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
-                       "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1",
-                       "model.clusters.M=4", "model.clusters.D=4", "test=false", f"model.lr_scale_after_warmup={scale}",
-                       "+callbacks.record_lr._target_=tests.test_magnet_loss.RecordLearningRates"], tmp_path / str(scale)))
-        return RecordLearningRates.rates
+    train(compose(["experiment=magnet_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
+                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1",
+                   "model.clusters.M=4", "model.clusters.D=4", "test=false",
+                   "+callbacks.record_steps._target_=tests.test_magnet_loss.RecordTrainingSteps", *overrides], tmp_path))
+    return RecordTrainingSteps.steps
 
-    plain, scaled = recorded_rates(1.0), recorded_rates(0.1)
-    assert [e for e, _ in plain] == [e for e, _ in scaled] and {e for e, _ in plain} == {0, 1, 2}
-    for (epoch, lr), (_, lr_scaled) in zip(plain, scaled):
+
+@pytest.fixture(scope="module")
+def plain_and_fine_tuned_runs(tmp_path_factory):
+    """The same fake run twice: the paper's settings, and with the magnet phase's rate scaled and BN frozen."""
+    tmp = tmp_path_factory.mktemp("magnet_phase")
+    plain = run_fake_magnet(tmp / "plain", "model.lr_scale_after_warmup=1.0", "model.bn_mode=batch")
+    tuned = run_fake_magnet(tmp / "tuned", "model.lr_scale_after_warmup=0.1", "model.bn_mode=frozen")
+    return plain, tuned
+
+
+def test_lr_scale_after_warmup_multiplies_the_scheduled_rate_once_magnet_trains(plain_and_fine_tuned_runs):
+    """model.lr_scale_after_warmup: every step of the warm-up uses the scheduler's rate, every magnet step
+    (from the first of the first magnet epoch) that rate times the factor; compared step by step with the
+    same run unscaled."""
+    plain, scaled = plain_and_fine_tuned_runs
+    assert [s[0] for s in plain] == [s[0] for s in scaled] and {s[0] for s in plain} == {0, 1, 2}
+    for (epoch, lr, *_), (_, lr_scaled, *_) in zip(plain, scaled):
         assert lr_scaled == pytest.approx(lr * (0.1 if epoch >= 1 else 1.0), rel=1e-9)
-    assert len({lr for _, lr in plain}) > 3  # the scheduler really moves the rate
+    assert len({s[1] for s in plain}) > 3  # the scheduler really moves the rate
+
+
+def test_frozen_batchnorm_normalizes_magnet_steps_with_the_running_statistics(plain_and_fine_tuned_runs):
+    """model.bn_mode=frozen: the warm-up trains BatchNorm on batch statistics; every magnet step runs it in
+    eval mode, so its running statistics (re-estimated on iid batches by the re-clustering pass) do not move
+    during the step. bn_mode=batch keeps batch statistics in the magnet steps too, which update them."""
+    for run, frozen in zip(plain_and_fine_tuned_runs, (False, True)):
+        warmup = [s for s in run if s[0] == 0]
+        magnet = [s for s in run if s[0] >= 1]
+        assert warmup and magnet
+        assert all(training and before != after for _, _, training, before, after in warmup)
+        assert all(training != frozen and (before == after) == frozen for _, _, training, before, after in magnet)
 
 
 def test_lr_scale_after_warmup_must_be_positive():
