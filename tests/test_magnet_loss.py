@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from src.models.components.magnet_loss import MagnetLoss, magnet_loss, magnet_predict
+from src.models.embed import batchnorm_layers
 
 
 def reference_magnet_loss(r, cluster_ids, labels, alpha):
@@ -218,18 +219,14 @@ class RecordTrainingSteps(pl.Callback):
     training mode, sum of their running means before the step, after the step)."""
     steps: list[tuple[int, float, bool, float, float]] = []
 
-    @staticmethod
-    def batchnorms(module):
-        return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
     def on_fit_start(self, trainer, module):
         RecordTrainingSteps.steps = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._before = sum(float(m.running_mean.sum()) for m in self.batchnorms(module))
+        self._before = sum(float(m.running_mean.sum()) for m in batchnorm_layers(module))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        bns = self.batchnorms(module)
+        bns = batchnorm_layers(module)
         RecordTrainingSteps.steps.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"],
                                           all(m.training for m in bns), self._before,
                                           sum(float(m.running_mean.sum()) for m in bns)))

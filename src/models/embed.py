@@ -16,6 +16,11 @@ def inference_autocast(module: torch.nn.Module, device: torch.device):
     return contextlib.nullcontext()
 
 
+def batchnorm_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every BatchNorm layer of ``module`` (1d, 2d, 3d and sync)."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch_size: int = 500,
                  recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
@@ -32,7 +37,7 @@ def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
-    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(module)
     saved_momentum = [bn.momentum for bn in bns]
     if recalibrate_bn:
         for bn in bns:

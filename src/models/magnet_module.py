@@ -7,6 +7,7 @@ import torch
 
 from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler
 from src.models.components.magnet_loss import MagnetLoss
+from src.models.embed import batchnorm_layers
 from src.models.embedding_module import EmbeddingModule
 
 
@@ -57,22 +58,20 @@ class MagnetModule(EmbeddingModule):
         return self.current_epoch < self.warmup_epochs
 
     def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if self.lr_scale_after_warmup != 1.0 and not isinstance(config, dict):
+        if self.lr_scale_after_warmup != 1.0 and self.hparams.scheduler is None:
             raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
                              "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
-        return config
+        return super().configure_optimizers()
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step() if metric is None else scheduler.step(metric)
+        super().lr_scheduler_step(scheduler, metric)
         self.scale_lr_after_warmup(scheduler)
 
     def on_train_epoch_start(self) -> None:
         # The scheduler last stepped inside the warm-up: the first magnet epoch needs the factor before its
         # first step. Setting it from the scheduler's own value keeps this idempotent (e.g. after a resume).
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            self.scale_lr_after_warmup(scheduler)
+        for config in self.trainer.lr_scheduler_configs:
+            self.scale_lr_after_warmup(config.scheduler)
 
     def scale_lr_after_warmup(self, scheduler) -> None:
         if self.lr_scale_after_warmup == 1.0 or self.in_warmup():
@@ -87,9 +86,8 @@ class MagnetModule(EmbeddingModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.bn_mode == "frozen" and not self.in_warmup():
-            for m in self.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in batchnorm_layers(self):
+                m.eval()
 
     def training_step(self, batch, batch_idx):
         x, y, pos = batch
