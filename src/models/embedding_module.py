@@ -146,12 +146,18 @@ class EmbeddingModule(pl.LightningModule):
         opt = self.hparams.optimizer(params=self.parameters())
         if self.hparams.scheduler is None:
             return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"}}
+
+    def scheduler_takes_total_steps(self) -> bool:
+        return "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters
+
+    def build_scheduler(self, optimizer):
+        """model.scheduler over the whole run, stepped every training step."""
         kwargs = {}
-        if "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters:
+        if self.scheduler_takes_total_steps():
             # OneCycle divides by its phase lengths: a very short run (a smoke test) needs a floor
             kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
-        sched = self.hparams.scheduler(optimizer=opt, **kwargs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.hparams.scheduler(optimizer=optimizer, **kwargs)
 
     def classifier_loss(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy through the classifier head: the warm-up epochs before the method's own loss, and the optional
