@@ -215,8 +215,8 @@ def test_negative_ce_weight_is_rejected():
 
 
 class RecordTrainingSteps(pl.Callback):
-    """Per training step of the last run it was part of: (epoch, learning rate, are all BatchNorm layers in
-    training mode, sum of their running means before the step, after the step)."""
+    """Per training step of the last run it was part of: (epoch, the learning rate the step uses, are all
+    BatchNorm layers in training mode, sum of their running means before the step, after the step)."""
     steps: list[tuple[int, float, bool, float, float]] = []
 
     def on_fit_start(self, trainer, module):
@@ -224,10 +224,11 @@ class RecordTrainingSteps(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self._before = sum(float(m.running_mean.sum()) for m in batchnorm_layers(module))
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the scheduler steps after the optimizer
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         bns = batchnorm_layers(module)
-        RecordTrainingSteps.steps.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"],
+        RecordTrainingSteps.steps.append((trainer.current_epoch, self._lr,
                                           all(m.training for m in bns), self._before,
                                           sum(float(m.running_mean.sum()) for m in bns)))
 
@@ -250,6 +251,61 @@ def plain_and_fine_tuned_runs(tmp_path_factory):
     plain = run_fake_magnet(tmp / "plain", "model.lr_scale_after_warmup=1.0", "model.bn_mode=batch")
     tuned = run_fake_magnet(tmp / "tuned", "model.lr_scale_after_warmup=0.1", "model.bn_mode=frozen")
     return plain, tuned
+
+
+def one_cycle_rates(steps: int, max_lr: float, pct_start: float) -> list[float]:
+    """torch's OneCycleLR over ``steps`` steps, read off a one-parameter optimizer: the reference."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, pct_start=pct_start, total_steps=steps)
+    rates = []
+    for i in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        if i + 1 < steps:
+            opt.step()
+            sched.step()
+    return rates
+
+
+def test_phased_schedule_runs_the_scheduler_once_per_phase():
+    import functools
+
+    from src.models.components.phased_schedule import phased_schedule
+
+    opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.05, momentum=0.9)
+    sched = phased_schedule(opt, functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.05, pct_start=0.3),
+                            [13, 21])
+    rates = []
+    for _ in range(13 + 21 + 3):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = one_cycle_rates(13, 0.05, 0.3) + one_cycle_rates(21, 0.05, 0.3)
+    assert rates[:34] == pytest.approx(expected, rel=1e-9)
+    assert rates[34:] == pytest.approx([expected[-1]] * 3, rel=1e-9)  # past the last phase: its final rate
+    assert rates[12] < 1e-4 < rates[13]  # annealed at the end of the first phase, restarted at the second
+    with pytest.raises(ValueError, match="at least one step"):
+        phased_schedule(opt, functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.05), [5, 0])
+
+
+def test_schedule_per_phase_anneals_the_warmup_and_restarts_for_magnet_loss(tmp_path):
+    """model.schedule_per_phase: in a real (fake-data) run, the warm-up steps follow OneCycle over the warm-up
+    alone and the magnet steps a new OneCycle over the magnet epochs, times lr_scale_after_warmup."""
+    steps = run_fake_magnet(tmp_path, "model.lr_scale_after_warmup=0.1", "model.schedule_per_phase=true")
+    warmup = [lr for epoch, lr, *_ in steps if epoch == 0]
+    magnet = [lr for epoch, lr, *_ in steps if epoch >= 1]
+    assert len(magnet) == 2 * len(warmup) > 20
+    lr, pct = 0.02, 0.2  # conf/model/optimizer/sgd.yaml, conf/model/scheduler/onecycle.yaml
+    assert warmup == pytest.approx(one_cycle_rates(len(warmup), lr, pct), rel=1e-9)
+    assert magnet == pytest.approx([0.1 * r for r in one_cycle_rates(len(magnet), lr, pct)], rel=1e-9)
+
+
+def test_schedule_per_phase_needs_a_total_steps_scheduler(make_cfg):
+    from src.train import train
+
+    cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", "data=fake", "data.subset_size=null", "model.schedule_per_phase=true",
+                   "model.lr_scale_after_warmup=1.0", "model.scheduler=null")
+    with pytest.raises(Exception, match="model.schedule_per_phase restarts a scheduler"):
+        train(cfg)
 
 
 def test_lr_scale_after_warmup_multiplies_the_scheduled_rate_once_magnet_trains(plain_and_fine_tuned_runs):
