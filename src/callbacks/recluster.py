@@ -35,11 +35,15 @@ class ReclusterCallback(Callback):
     training set, run per-class k-means, and hand the index to the model (and so to its batch sampler)."""
 
     def __init__(self, every_n_epochs: int = 1, kmeans_iters: int = 20, seed: int = 0, batch_size: int = 500,
-                 recalibrate_bn: bool = True):
+                 recalibrate_bn: bool = True, bn_pass_augment: bool = True):
         if every_n_epochs < 1:
             raise ValueError(f"callbacks.recluster.every_n_epochs must be >= 1, got {every_n_epochs}")
         self.every_n_epochs, self.kmeans_iters, self.seed = every_n_epochs, kmeans_iters, seed
         self.batch_size, self.recalibrate_bn = batch_size, recalibrate_bn
+        # The re-estimation pass sees the training images augmented as the training steps do (when the
+        # datamodule augments): BatchNorm then normalizes with the statistics of the inputs the network
+        # learnt on, as softmax's running statistics do. false: clean images (before 2026-11-28).
+        self.bn_pass_augment = bn_pass_augment
         self.last_seconds = 0.0
         self.total_seconds = 0.0
         self._rebuilt_epoch: int | None = None  # the epoch whose end has already re-clustered
@@ -108,8 +112,14 @@ class ReclusterCallback(Callback):
         shard = (trainer.global_rank, trainer.world_size)
         # iid-trained models keep their running BN statistics: validation and test then measure the same thing
         recalibrate = self.recalibrate_bn and pl_module.uses_neighbourhood_sampler
+        if seed is None:
+            seed = self.kmeans_seed(trainer, trainer.current_epoch)
+        # the augmentation draws are keyed by the k-means seed, which the index keeps: the test-time
+        # rebuild from the selected weights repeats this pass exactly
+        augment = recalibrate and self.bn_pass_augment and getattr(dm, "augment", False)
         with self._progress(trainer) as progress:
-            emb = embed_images(pl_module, dm.transform, images, self.batch_size, recalibrate, shard, progress)
+            emb = embed_images(pl_module, dm.transform, images, self.batch_size, recalibrate, shard, progress,
+                               augment_seed=seed if augment else None)
         if trainer.world_size > 1:
             from src.models.embedding_module import gather_uneven
 
@@ -120,8 +130,6 @@ class ReclusterCallback(Callback):
             emb[order.to(parts.device)] = parts
         emb = emb.cpu()
         index = None
-        if seed is None:
-            seed = self.kmeans_seed(trainer, trainer.current_epoch)
         if trainer.is_global_zero:
             index = build_cluster_index(emb, labels, k, seed=seed, niter=self.kmeans_iters)
         if trainer.world_size > 1:

@@ -29,7 +29,7 @@ class BatchTransform(torch.nn.Module):
         return self._stats_on[device]
 
     @staticmethod
-    def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+    def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-image random translation by up to ``padding`` pixels with zero fill (torchvision's
         RandomCrop(size, padding)): two gathers (rows, then columns) indexed by each image's offset, so
         the crop never asks the host which images took which offset (no ``nonzero``, no sync)."""
@@ -37,25 +37,27 @@ class BatchTransform(torch.nn.Module):
             return x
         b, c, h, w = x.shape
         padded = F.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+        dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
         row_idx = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
         rows = padded.gather(2, row_idx)
         col_idx = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
         return rows.gather(3, col_idx)
 
     @staticmethod
-    def random_flip(x: torch.Tensor) -> torch.Tensor:
-        mask = torch.rand(x.shape[0], device=x.device) < 0.5
+    def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
         return torch.where(mask[:, None, None, None], x.flip(3), x)
 
-    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` (on ``x``'s device) draws the augmentation instead of the global stream, for passes
+        that must repeat exactly (the BatchNorm re-estimation pass of re-clustering)."""
         if x.dtype != torch.uint8:
             raise TypeError(f"BatchTransform expects uint8 images, got {x.dtype}")
         if train:
-            x = self.random_crop(x, self.crop_padding)
+            x = self.random_crop(x, self.crop_padding, generator)
             if self.flip:
-                x = self.random_flip(x)
+                x = self.random_flip(x, generator)
         mean, std = self.stats_on(x.device)
         x = (x.float() - mean) / std
         if self.input_size and self.input_size != x.shape[-1]:

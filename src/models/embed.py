@@ -23,7 +23,8 @@ def batchnorm_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch_size: int = 500,
-                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
+                 recalibrate_bn: bool = False, shard: tuple[int, int] = (0, 1), progress=None,
+                 augment_seed: int | None = None) -> torch.Tensor:
     """Embeddings of ``images`` (uint8, ``transform(x, train=False)``, no augmentation) in eval mode.
 
     With ``recalibrate_bn`` the BatchNorm layers run in train mode with a cumulative average instead:
@@ -31,7 +32,14 @@ def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch
     way, in the same single pass. Neighbourhood batches hold few, similar classes, so the statistics
     BN gathered during training are biased; this undoes that before clustering and evaluation. The
     result does not depend on the running statistics the model had before, so the pass is a pure
-    function of the weights: repeating it on a checkpoint reproduces the same embeddings."""
+    function of the weights: repeating it on a checkpoint reproduces the same embeddings.
+
+    ``augment_seed`` (with ``recalibrate_bn``): the pass sees the images augmented as in training
+    (``transform(x, train=True)``), drawn from a generator seeded with it, so the re-estimated statistics
+    are those of the inputs the network trained on, as the running statistics of an iid-trained model are.
+    On clean images they cost 1.2-2.9 points of validation accuracy (docs/magnet_investigation.md)."""
+    if augment_seed is not None and not recalibrate_bn:
+        raise ValueError("embed_images: augment_seed augments the BatchNorm re-estimation pass and needs recalibrate_bn")
     rank, world = shard
     positions = torch.arange(rank, len(images), world)
     device = next(module.parameters()).device
@@ -44,12 +52,16 @@ def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch
             bn.reset_running_stats()
             bn.momentum = None
             bn.train()
+    generator = None
+    if augment_seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(augment_seed) + rank)  # each shard its own draws, repeatable per shard
     out = []
     task = progress.add_task("embedding pass", total=len(positions)) if progress is not None else None
     with inference_autocast(module, device):
         for start in range(0, len(positions), batch_size):
             idx = positions[start : start + batch_size]
-            x = transform(images[idx].to(device, non_blocking=True), train=False)
+            x = transform(images[idx].to(device, non_blocking=True), train=generator is not None, generator=generator)
             out.append(module(x).float())
             if task is not None:
                 progress.advance(task, len(idx))
