@@ -103,6 +103,68 @@ def test_one_embedding_pass_per_epoch(tmp_path, monkeypatch):
     assert len(passes) == 4  # the end of the warm-up epoch and of each of the 3 magnet epochs
 
 
+def small_bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.BatchNorm1d(4))
+
+
+def test_augmented_bn_pass_sees_the_seeded_augmented_images():
+    """embed_images(recalibrate_bn=True, augment_seed=s) gives exactly what the clean pass gives on the images
+    augmented beforehand, batch by batch, with a generator seeded with s: the same embeddings and the same
+    re-estimated BatchNorm statistics. The same seed repeats the pass; another seed, or clean images, differ."""
+    from src.data.transforms import BatchTransform
+    from src.models.embed import batchnorm_layers, embed_images
+
+    transform = BatchTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_padding=4)
+    images = torch.randint(0, 256, (23, 3, 12, 12), dtype=torch.uint8)
+    net = small_bn_net()
+
+    def bn_pass(imgs, **kw):
+        emb = embed_images(net, transform, imgs, batch_size=10, recalibrate_bn=True, **kw)
+        return emb, [b.running_mean.clone() for b in batchnorm_layers(net)] + [b.running_var.clone() for b in batchnorm_layers(net)]
+
+    g = torch.Generator().manual_seed(7)
+    # the reference: augmentation drawn batch by batch (10, 10, 3) outside the pass, with uint8 in, uint8 out
+    pre = torch.cat([transform.random_flip(transform.random_crop(images[i:i + 10], 4, g), g) for i in range(0, 23, 10)])
+    emb_ref, stats_ref = bn_pass(pre)
+    emb, stats = bn_pass(images, augment_seed=7)
+    torch.testing.assert_close(emb, emb_ref, rtol=0, atol=0)
+    for a, b in zip(stats, stats_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    emb_again, _ = bn_pass(images, augment_seed=7)
+    assert torch.equal(emb, emb_again)
+    assert not torch.allclose(bn_pass(images, augment_seed=8)[0], emb)
+    assert not torch.allclose(bn_pass(images)[1][0], stats[0])  # clean images: other statistics
+    with pytest.raises(ValueError, match="needs recalibrate_bn"):
+        embed_images(net, transform, images, augment_seed=7)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_reclustering_pass_is_augmented_with_the_index_seed(tmp_path, monkeypatch, augment):
+    """With callbacks.recluster.bn_pass_augment (the default) every re-clustering pass of a magnet run is
+    augmented, keyed by the k-means seed of its epoch (so each epoch draws anew and the test-time rebuild, which
+    reuses the selected epoch's seed, repeats its pass); with false, every pass sees clean images."""
+    from src.callbacks import recluster
+    from src.train import train
+
+    seeds = []
+    original = recluster.embed_images
+    monkeypatch.setattr(recluster, "embed_images",
+                        lambda *a, **k: seeds.append(k.get("augment_seed")) or original(*a, **k))
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
+            "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4",
+            f"callbacks.recluster.bn_pass_augment={str(augment).lower()}"]
+    results = train(compose(args, tmp_path / "run"))
+    assert len(seeds) == 4  # the ends of epochs 0, 1, 2 and the test-time rebuild
+    if not augment:
+        assert seeds == [None] * 4
+        return
+    assert all(isinstance(s, int) for s in seeds) and len(set(seeds[:3])) == 3
+    selected = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)["epoch"]
+    assert seeds[3] == seeds[selected]  # the test repeats the pass the selected epoch was validated with
+
+
 # ---- 5. randomness keyed by (seed, increment, epoch) ------------------------------------------------------
 def test_increments_draw_different_batches_and_seeds():
     from types import SimpleNamespace
