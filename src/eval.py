@@ -86,11 +86,7 @@ def evaluate_checkpoint(checkpoint: dict, run_cfg: DictConfig, cfg: DictConfig, 
     model.on_load_checkpoint(checkpoint)
     model.output_dir = output_dir
     model.run_config = OmegaConf.to_container(run_cfg)
-    recluster_cfg = run_cfg.callbacks.recluster
-    if "bn_pass_augment" not in recluster_cfg:  # a run from before the key: its pass saw clean images
-        with open_dict(recluster_cfg):
-            recluster_cfg.bn_pass_augment = False
-    callbacks = instantiate_group(OmegaConf.create({"recluster": recluster_cfg}))
+    callbacks = instantiate_group(OmegaConf.create({"recluster": run_cfg.callbacks.recluster}))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     trainer.test(model, datamodule=datamodule)
     return {"split": split, **{f"{split}/{k}": v for k, v in model.test_results.items()}}

@@ -142,9 +142,9 @@ def test_augmented_bn_pass_sees_the_seeded_augmented_images():
 
 @pytest.mark.parametrize("augment", [True, False])
 def test_reclustering_pass_is_augmented_with_the_index_seed(tmp_path, monkeypatch, augment):
-    """With callbacks.recluster.bn_pass_augment (the default) every re-clustering pass of a magnet run is
-    augmented, keyed by the k-means seed of its epoch (so each epoch draws anew and the test-time rebuild, which
-    reuses the selected epoch's seed, repeats its pass); with false, every pass sees clean images."""
+    """With callbacks.recluster.bn_pass_augment=true every re-clustering pass of a magnet run is augmented,
+    keyed by the k-means seed of its epoch (so each epoch draws anew and the test-time rebuild, which reuses
+    the selected epoch's seed, repeats its pass); with false (the default), every pass sees clean images."""
     from src.callbacks import recluster
     from src.train import train
 

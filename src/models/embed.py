@@ -36,8 +36,8 @@ def embed_images(module: torch.nn.Module, transform, images: torch.Tensor, batch
 
     ``augment_seed`` (with ``recalibrate_bn``): the pass sees the images augmented as in training
     (``transform(x, train=True)``), drawn from a generator seeded with it, so the re-estimated statistics
-    are those of the inputs the network trained on, as the running statistics of an iid-trained model are.
-    On clean images they cost 1.2-2.9 points of validation accuracy (docs/magnet_investigation.md)."""
+    are those of the inputs the network trained on, as the running statistics of an iid-trained model are
+    (``callbacks.recluster.bn_pass_augment``; docs/magnet_investigation.md has what it measured)."""
     if augment_seed is not None and not recalibrate_bn:
         raise ValueError("embed_images: augment_seed augments the BatchNorm re-estimation pass and needs recalibrate_bn")
     rank, world = shard
