@@ -24,7 +24,7 @@ class LookupFactor:
         return self.factors[min(step, len(self.factors) - 1)]
 
 
-def one_cycle_factors(make_scheduler: Callable, base_lr: float, steps: int) -> list[float]:
+def cycle_factors(make_scheduler: Callable, base_lr: float, steps: int) -> list[float]:
     """The rate ``make_scheduler(optimizer=..., total_steps=steps)`` sets at each of its ``steps`` steps, divided
     by ``base_lr``. Run on a throwaway one-parameter optimizer, so the real optimizer's state is untouched.
     OneCycle divides by its phase lengths: a phase under 10 steps (a smoke test) takes the first steps of a
@@ -48,5 +48,5 @@ def phased_schedule(optimizer: torch.optim.Optimizer, make_scheduler: Callable, 
     if not phase_steps or any(int(n) < 1 for n in phase_steps):
         raise ValueError(f"every phase of a phased schedule needs at least one step, got {list(phase_steps)}")
     base_lr = optimizer.param_groups[0]["lr"]
-    factors = [f for n in phase_steps for f in one_cycle_factors(make_scheduler, base_lr, int(n))]
+    factors = [f for n in phase_steps for f in cycle_factors(make_scheduler, base_lr, int(n))]
     return LambdaLR(optimizer, LookupFactor(factors))
