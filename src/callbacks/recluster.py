@@ -38,6 +38,9 @@ class ReclusterCallback(Callback):
                  recalibrate_bn: bool = True, bn_pass_augment: bool = False):
         if every_n_epochs < 1:
             raise ValueError(f"callbacks.recluster.every_n_epochs must be >= 1, got {every_n_epochs}")
+        if bn_pass_augment and not recalibrate_bn:
+            raise ValueError("callbacks.recluster.bn_pass_augment=true augments the BatchNorm re-estimation pass, "
+                             "which callbacks.recluster.recalibrate_bn=false turns off: set one of them the other way")
         self.every_n_epochs, self.kmeans_iters, self.seed = every_n_epochs, kmeans_iters, seed
         self.batch_size, self.recalibrate_bn = batch_size, recalibrate_bn
         # true: the re-estimation pass sees the training images augmented as the training steps do (when the
@@ -48,6 +51,17 @@ class ReclusterCallback(Callback):
         self.last_seconds = 0.0
         self.total_seconds = 0.0
         self._rebuilt_epoch: int | None = None  # the epoch whose end has already re-clustered
+
+    def setup(self, trainer, pl_module, stage: str):
+        # an option that could not act on this run is an error, not a silent no-op
+        if not self.bn_pass_augment:
+            return
+        if not pl_module.uses_neighbourhood_sampler:
+            raise ValueError(f"callbacks.recluster.bn_pass_augment=true: {type(pl_module).__name__} keeps its running "
+                             "BatchNorm statistics, so there is no re-estimation pass to augment; set it to false")
+        if not getattr(trainer.datamodule, "augment", False):
+            raise ValueError("callbacks.recluster.bn_pass_augment=true needs augmented training images, but "
+                             "data.augment is false: set one of them the other way")
 
     def _progress(self, trainer):
         """A transient rich bar for the embedding pass when the run shows a rich progress bar."""
