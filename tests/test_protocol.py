@@ -165,19 +165,18 @@ def test_reclustering_pass_is_augmented_with_the_index_seed(tmp_path, monkeypatc
     assert seeds[3] == seeds[selected]  # the test repeats the pass the selected epoch was validated with
 
 
-@pytest.mark.parametrize("overrides, names", [
-    (["callbacks.recluster.recalibrate_bn=false"], "recalibrate_bn=false"),
-    (["experiment=softmax_cifar10"], "SoftmaxModule"),
-    (["data.augment=false"], "data.augment is false"),
+@pytest.mark.parametrize("experiment, overrides, names", [
+    ("magnet_cifar10", ["callbacks.recluster.recalibrate_bn=false"], "recalibrate_bn=false"),
+    ("softmax_cifar10", [], "SoftmaxModule"),
+    ("magnet_cifar10", ["data.augment=false"], "data.augment is false"),
 ])
-def test_bn_pass_augment_that_cannot_act_is_a_one_line_error(tmp_path, overrides, names):
+def test_bn_pass_augment_that_cannot_act_is_a_one_line_error(tmp_path, experiment, overrides, names):
     """bn_pass_augment=true where there is no re-estimation pass (recalibrate_bn off, or a model that keeps
     its running statistics) or nothing to augment fails before training instead of doing nothing."""
     from src.train import train
 
-    experiment = overrides[0] if overrides[0].startswith("experiment=") else "experiment=magnet_cifar10"
-    args = [experiment, *FAKE, "trainer.max_epochs=2", "callbacks.recluster.bn_pass_augment=true",
-            *[o for o in overrides if o != experiment]]
+    args = [f"experiment={experiment}", *FAKE, "trainer.max_epochs=2", "callbacks.recluster.bn_pass_augment=true",
+            *overrides]
     with pytest.raises(Exception) as err:
         train(compose(args, tmp_path / "run"))
     root = err.value  # Hydra wraps errors raised while instantiating the callback
