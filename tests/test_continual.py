@@ -348,3 +348,27 @@ def test_der_joint_forward_gives_the_three_pass_loss_when_batchnorm_uses_running
             losses.append(der.observe(module, batch, emb, torch.tensor(0.0)))
     assert losses[0] > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_later_increments_warm_up_with_cross_entropy_when_asked(tmp_path, monkeypatch):
+    from src.continual.strategies.naive import Naive
+
+    seen, original = [], Naive.begin_task
+
+    def record(self, t, module, dm):
+        seen.append(module.warmup_epochs)
+        return original(self, t, module, dm)
+
+    monkeypatch.setattr(Naive, "begin_task", record)
+    run(tmp_path, "warm", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+        "continual.later_warmup_epochs=1", "trainer.limit_train_batches=2")
+    assert seen == [1, 1, 1, 1, 1]
+    seen.clear()
+    run(tmp_path, "cold", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+        "trainer.limit_train_batches=2")
+    assert seen == [1, 0, 0, 0, 0]
+
+
+def test_a_later_warmup_that_leaves_no_magnet_epoch_fails_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"continual.later_warmup_epochs .*trainer.max_epochs=2"):
+        run(tmp_path, "bad", "strategy=naive", "trainer.max_epochs=2", "continual.later_warmup_epochs=2")

@@ -103,6 +103,18 @@ def summary(R: np.ndarray) -> dict[str, float]:
     }
 
 
+def later_warmup_epochs(cfg: DictConfig) -> int:
+    """Cross-entropy warm-up epochs at the start of every increment after the first (model.warmup_epochs is
+    the first increment's). The head and the trunk train on iid batches of the increment's images (and the
+    memory, where the strategy keeps one) before the magnet loss takes over; 0 = magnet loss from the first step."""
+    epochs = cfg.get("continual", {}).get("later_warmup_epochs", 0)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 0 or (max_epochs is not None and epochs >= max_epochs):
+        raise ValueError(f"continual.later_warmup_epochs must be an integer in [0, trainer.max_epochs={max_epochs}), "
+                         f"got {epochs!r}: it leaves later increments no epoch of the method's own loss")
+    return epochs
+
+
 def save_state(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -126,7 +138,7 @@ def run_continual(cfg: DictConfig) -> dict:
     T = datamodule.num_increments
     R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
-    warmup = module.warmup_epochs
+    warmup, later_warmup = module.warmup_epochs, later_warmup_epochs(cfg)
     state_path = out / "continual_state.pt"
     if cfg.get("ckpt_path"):
         state_path = Path(cfg.ckpt_path)
@@ -142,7 +154,7 @@ def run_continual(cfg: DictConfig) -> dict:
         inc_start = time.perf_counter()
         pl.seed_everything(cfg.seed + t, workers=True)  # per increment, so a resumed run repeats it exactly
         datamodule.increment = t
-        module.warmup_epochs = warmup if t == 0 else 0
+        module.warmup_epochs = warmup if t == 0 else later_warmup
         strategy.begin_task(t, module, datamodule)
         callbacks = [cb for cb in instantiate_group(cfg.get("callbacks")) if not isinstance(cb, pl.callbacks.ModelCheckpoint)]
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False)
