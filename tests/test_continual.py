@@ -373,11 +373,3 @@ def test_a_later_warmup_that_leaves_no_magnet_epoch_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"continual.later_warmup_epochs .*trainer.max_epochs=2"):
         run(tmp_path, "bad", "strategy=naive", "trainer.max_epochs=2", "continual.later_warmup_epochs=2")
 
-
-@pytest.mark.parametrize("extra, bn_mode", [([], "frozen"), (["strategy=joint"], "batch"), (["strategy=replay"], "batch"),
-                                            (["strategy=magnet_memory", "model=magnet"], "batch")])
-def test_magnet_memory_brings_its_frozen_batchnorm_and_the_command_line_still_wins(tmp_path, extra, bn_mode):
-    # validation chose frozen BatchNorm for magnet_memory only (README): joint and replay lose 8-14 points with it
-    cfg = compose(["experiment=continual_5x2", *extra], tmp_path)
-    assert cfg.model.bn_mode == bn_mode
-    assert compose(["experiment=continual_5x2", "model=softmax"], tmp_path / "s").model._target_.endswith("SoftmaxModule")
