@@ -110,8 +110,8 @@ def later_warmup_epochs(cfg: DictConfig) -> int:
     epochs = cfg.get("continual", {}).get("later_warmup_epochs", 0)
     max_epochs = cfg.trainer.get("max_epochs")
     if not isinstance(epochs, int) or epochs < 0 or (max_epochs is not None and epochs >= max_epochs):
-        raise ValueError(f"continual.later_warmup_epochs must be an integer in [0, trainer.max_epochs={max_epochs}), "
-                         f"got {epochs!r}: it leaves later increments no epoch of the method's own loss")
+        raise ValueError(f"continual.later_warmup_epochs must be an integer in [0, trainer.max_epochs={max_epochs}) so "
+                         f"that later increments train at least one epoch with the method's own loss; got {epochs!r}")
     return epochs
 
 
