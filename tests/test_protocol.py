@@ -88,6 +88,36 @@ def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path):
                           config_name="eval.yaml"))
     assert ev["val/magnet_acc"] == pytest.approx(results["val/best"], abs=1e-4)
     assert 0.1 < results["val/best"] < 1.0  # a real measurement, not a constant
+    # the read-out analysis starts from the same procedure: its first row is the selection measurement
+    from src.models.readout_choice import readout_choices
+
+    choices = readout_choices(results["best_checkpoint"], split="val")
+    assert next(iter(choices.values())) == pytest.approx(results["val/best"], abs=1e-4)
+
+
+def test_readout_accuracies_match_a_naive_magnet_rule():
+    """Each read-out is the magnet rule with that L and variance: against a loop over examples and classes."""
+    import math
+
+    from src.models.readout_choice import READOUT_L, VARIANCE_SCALES, readout_accuracies
+
+    g = torch.Generator().manual_seed(3)
+    emb, centroids = torch.randn(40, 3, generator=g), torch.randn(9, 3, generator=g)
+    centroid_labels, labels = torch.arange(9) % 3, torch.randint(0, 3, (40,), generator=g)
+
+    def naive(var, L):
+        right = 0
+        for x, y in zip(emb, labels):
+            d = [float(((x - c) ** 2).sum()) for c in centroids]
+            nearest = sorted(range(len(d)), key=d.__getitem__)[:L]
+            score = [sum(math.exp(-d[j] / (2 * var)) for j in nearest if centroid_labels[j] == k) for k in range(3)]
+            right += max(range(3), key=score.__getitem__) == int(y)
+        return right / len(emb)
+
+    got = readout_accuracies(emb, labels, centroids, centroid_labels, 3, own=("own", 0.7, 9), index_variance=0.2)
+    want = [naive(0.7, 9), naive(0.2, 9), *(naive(0.7, L) for L in READOUT_L), *(naive(0.7 * s, 9) for s in VARIANCE_SCALES)]
+    assert list(got.values()) == pytest.approx(want)
+    assert len(set(want)) > 1  # the read-outs differ on these points, so a mix-up would show
 
 
 def test_one_embedding_pass_per_epoch(tmp_path, monkeypatch):
