@@ -1,7 +1,7 @@
 """Avalanche's Naive, Replay and DER++ on exactly our increments, side by side with ours, from one run.
 
     pip install -e '.[peers]'          # avalanche-lib, pinned in pyproject.toml
-    python benchmarks/peer_avalanche.py [--seed 42] [--epochs 10] [--out docs/figures/peer_avalanche]
+    python benchmarks/peer_avalanche.py [--seed 42] [--epochs 20] [--out docs/figures/peer_avalanche]
     python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
     python benchmarks/peer_avalanche.py --runs avalanche:naive ours:softmax:der   # a subset, e.g. one per CPU core
 
@@ -212,7 +212,7 @@ def figure(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20, help="per increment (continual_5x2's trainer.max_epochs; the README's peer table used 10)")
     ap.add_argument("--buffer", type=int, default=500)
     ap.add_argument("--fake", action="store_true", help="tiny synthetic data (a smoke test)")
     ap.add_argument("--only", choices=("avalanche", "ours", "all"), default="all")
