@@ -76,17 +76,24 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def evaluate_checkpoint(checkpoint: dict, run_cfg: DictConfig, cfg: DictConfig, output_dir: Path) -> dict:
-    split = cfg.get("split", "test")
+def checkpoint_for_testing(checkpoint: dict, run_cfg: DictConfig, split: str) -> tuple:
+    """The checkpoint's model (weights loaded), its datamodule testing on ``split``, and the re-clustering callback
+    whose test-time rebuild ``trainer.test`` needs: what every re-measurement of a checkpoint starts from."""
     with open_dict(run_cfg):
         run_cfg.data.test_split = split
     datamodule = hydra.utils.instantiate(run_cfg.data)
     model = hydra.utils.instantiate(run_cfg.model)
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)
+    callbacks = instantiate_group(OmegaConf.create({"recluster": run_cfg.callbacks.recluster}))
+    return model, datamodule, callbacks
+
+
+def evaluate_checkpoint(checkpoint: dict, run_cfg: DictConfig, cfg: DictConfig, output_dir: Path) -> dict:
+    split = cfg.get("split", "test")
+    model, datamodule, callbacks = checkpoint_for_testing(checkpoint, run_cfg, split)
     model.output_dir = output_dir
     model.run_config = OmegaConf.to_container(run_cfg)
-    callbacks = instantiate_group(OmegaConf.create({"recluster": run_cfg.callbacks.recluster}))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     trainer.test(model, datamodule=datamodule)
     return {"split": split, **{f"{split}/{k}": v for k, v in model.test_results.items()}}

@@ -372,4 +372,3 @@ def test_later_increments_warm_up_with_cross_entropy_when_asked(tmp_path, monkey
 def test_a_later_warmup_that_leaves_no_magnet_epoch_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"continual.later_warmup_epochs .*trainer.max_epochs=2"):
         run(tmp_path, "bad", "strategy=naive", "trainer.max_epochs=2", "continual.later_warmup_epochs=2")
-

@@ -1,7 +1,7 @@
 """How much does the magnet rule's read-out matter? Re-measures a checkpoint's magnet accuracy on the validation
 split (by default; never choose on test) under other read-outs: L (how many nearest clusters the rule sums over)
-and the variance it divides by (the running average of the per-batch sigma^2 the model keeps, the variance of the
-rebuilt index, or a multiple of the running one).
+and the variance it divides by (the model's own, i.e. by default the running average of the per-batch sigma^2, the
+variance of the rebuilt index, or a multiple of the model's own).
 
     python -m src.models.readout_choice outputs/.../checkpoints/epoch_046.ckpt [--split val] [--data-dir data]
 
@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
-from src.eval import load_run_config
+from src.eval import checkpoint_for_testing, load_run_config
 from src.models.components.magnet_loss import magnet_predict
 from src.models.embed import embed_images
-from src.utils.instantiate import instantiate_group
 
 READOUT_L = (1, 2, 4, 8)
 VARIANCE_SCALES = (0.5, 2.0)
@@ -34,18 +32,13 @@ def readout_choices(ckpt_path: Path, split: str = "val", data_dir: str | None = 
         raise ValueError(f"{ckpt_path} is a continual run's state; readout_choice takes a checkpoints/*.ckpt of a "
                          "metric-learning run (for continual centroids: python -m src.continual.centroid_choice)")
     with open_dict(run_cfg):
-        run_cfg.data.test_split = split
         run_cfg.model.evaluation.tsne = False
         if data_dir is not None:
             run_cfg.data.data_dir = data_dir
-    datamodule = hydra.utils.instantiate(run_cfg.data)
-    model = hydra.utils.instantiate(run_cfg.model)
+    model, datamodule, callbacks = checkpoint_for_testing(checkpoint, run_cfg, split)
     if not hasattr(model, "running_variance"):
         raise ValueError(f"{ckpt_path} is a {type(model).__name__} checkpoint; the read-out choices are those of "
                          "a magnet model (model=magnet)")
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
-    callbacks = instantiate_group(OmegaConf.create({"recluster": run_cfg.callbacks.recluster}))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks)
     # the test-time procedure: rebuilds the index (and re-estimates BatchNorm) from the checkpoint's weights
