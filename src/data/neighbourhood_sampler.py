@@ -29,6 +29,31 @@ def split_quota(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def size_quota(total: int, sizes: torch.Tensor, power: float, floor: int = 2) -> list[int]:
+    """``total`` images over the chosen clusters (seed first) in proportion to ``size ** power``, at least
+    ``floor`` each (a cluster's in-batch mean needs members; the rest is shared among the others in the same
+    proportion), rounded by largest remainder with ties to the earlier cluster. ``power`` 0 is
+    ``split_quota``'s equal share, 1 a share proportional to size, 0.5 the square-root sampling of
+    long-tailed recognition between the two."""
+    parts = len(sizes)
+    floor = min(floor, total // parts)
+    weights = sizes.double() ** power
+    at_floor = torch.zeros(parts, dtype=torch.bool)
+    while True:  # at most ``parts`` rounds: each fixes at least one more cluster at the floor
+        free = total - floor * int(at_floor.sum())
+        raw = torch.where(at_floor, 0.0, free * weights / weights[~at_floor].sum())
+        below = ~at_floor & (raw < floor)
+        if not below.any():
+            break
+        at_floor |= below
+    quotas = raw.floor().long()
+    left = free - int(quotas.sum())
+    # largest fractional part first; a stable sort keeps the earlier cluster (the seed) first among equals
+    order = torch.sort(-(raw - quotas).masked_fill(at_floor, -1.0), stable=True).indices[:left]
+    quotas[order] += 1
+    return torch.where(at_floor, floor, quotas).tolist()
+
+
 def draw_members(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
     """``count`` members of ``pool``: without replacement as far as the pool goes, then with replacement."""
     first = pool[torch.randperm(len(pool), generator=g)[:count]]
@@ -49,13 +74,21 @@ class NeighbourhoodBatchSampler:
     size, the mean loss (``mean_loss``) is that. With very unequal clusters (a continual increment's 500
     images per class beside a memory of a few dozen per old class) every cluster is then seeded equally
     often, so the few memory images are drawn several times an epoch and the new classes' images a
-    fraction of a time; ``total_loss`` (mean loss x size) seeds a cluster as often as its images earn."""
+    fraction of a time; ``total_loss`` (mean loss x size) seeds a cluster as often as its images earn.
+
+    ``quota_power``: how the M*D images are shared among the chosen clusters: in proportion to
+    ``size ** quota_power`` (``size_quota``). 0 (the paper, D each) draws as many images from a memory
+    cluster of a few dozen as from a new class of 500; 0.5 gives the new class sqrt(500 / 62) = 2.8 times the
+    memory cluster's share, 1 its full 8 times. Clusters of equal size get D each whatever the power."""
 
     def __init__(self, state: ClusterState, num_examples: int, m: int, d: int, seed: int = 0,
                  random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3,
-                 increment: int | None = None, seed_weight: str = "mean_loss", loss_sync_every: int = 10):
+                 increment: int | None = None, seed_weight: str = "mean_loss", loss_sync_every: int = 10,
+                 quota_power: float = 0.0):
         if seed_weight not in SEED_WEIGHTS:
             raise ValueError(f"model.clusters.seed_weight must be one of {'|'.join(SEED_WEIGHTS)}, got {seed_weight!r}")
+        if not 0 <= quota_power <= 1:
+            raise ValueError(f"model.clusters.quota_power must be in [0, 1] (0: D images per cluster), got {quota_power}")
         if m < 2:
             raise ValueError(f"model.clusters.M must be >= 2 (a seed cluster and at least one impostor), got {m}")
         if d < 1:
@@ -65,7 +98,7 @@ class NeighbourhoodBatchSampler:
         self.state, self.n, self.m, self.d, self.seed = state, num_examples, m, d, seed
         self.random_clusters = random_clusters
         self.rank, self.world_size, self.loss_floor = rank, world_size, loss_floor
-        self.increment, self.seed_weight = increment, seed_weight
+        self.increment, self.seed_weight, self.quota_power = increment, seed_weight, float(quota_power)
         # on an accelerator the seed choice reads the losses as of at most this many batches ago (one host
         # sync per that many steps); on the CPU they are always current
         self.loss_sync_every = max(int(loss_sync_every), 1)
@@ -110,6 +143,11 @@ class NeighbourhoodBatchSampler:
 
     def sample_batch(self, g: torch.Generator) -> torch.Tensor:
         members = self.state.index.members
-        chosen = self.choose_clusters(g).tolist()
-        quotas = split_quota(self.batch_size, len(chosen))  # D each when M clusters were found
+        chosen = self.choose_clusters(g)
+        if self.quota_power == 0:
+            quotas = split_quota(self.batch_size, len(chosen))  # D each when M clusters were found
+        else:
+            quotas = size_quota(self.batch_size, torch.tensor([len(members[c]) for c in chosen.tolist()]),
+                                self.quota_power)
+        chosen = chosen.tolist()
         return torch.cat([draw_members(members[c], q, g) for c, q in zip(chosen, quotas)])

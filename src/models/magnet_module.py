@@ -100,7 +100,8 @@ class MagnetModule(EmbeddingModule):
     def train_batch_sampler(self, num_examples, seed, increment, rank, world_size):
         return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,
                                          random_clusters=self.random_clusters, rank=rank, world_size=world_size,
-                                         increment=increment, seed_weight=self.seed_weight)
+                                         increment=increment, seed_weight=self.seed_weight,
+                                         quota_power=self.quota_power)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.bn_mode == "frozen" and not self.in_warmup():
