@@ -4,7 +4,12 @@ import logging
 import pytest
 import torch
 
-from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler, seed_probabilities
+from src.data.neighbourhood_sampler import (
+    NeighbourhoodBatchSampler,
+    seed_probabilities,
+    size_quota,
+    split_quota,
+)
 from src.models.components.cluster_index import ClusterState, build_cluster_index
 
 
@@ -150,6 +155,61 @@ def test_total_loss_seeds_clusters_in_proportion_to_mean_loss_times_size():
         assert torch.allclose(counts / 3000, expected, atol=0.03), weight
 
 
+def slow_size_quota(total, sizes, power, floor=2):
+    """Reference: targets max(floor, c * size**power) with c found by bisection so they sum to ``total``,
+    then one image at a time to the cluster furthest below its target (the earliest on ties)."""
+    w = [float(n) ** power for n in sizes]
+    lo, hi = 0.0, float(total)
+    for _ in range(200):
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if sum(max(floor, c * x) for x in w) < total else (lo, c)
+    target = [max(floor, hi * x) for x in w]
+    quota = [floor] * len(sizes)
+    for _ in range(total - floor * len(sizes)):
+        deficit = [t - q for t, q in zip(target, quota)]
+        quota[deficit.index(max(deficit))] += 1
+    return quota
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_size_quota_matches_a_slow_reference(power):
+    g = torch.Generator().manual_seed(0)
+    cases = [[62, 500, 500, 62, 62, 62], [500, 500], [30, 500, 40], [1, 1000, 1, 1, 1, 1], [7] * 6]
+    cases += [torch.randint(1, 600, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(40)]
+    for sizes in cases:
+        for total in (48, 50, 60):
+            quota = size_quota(total, torch.tensor(sizes), power)
+            assert quota == slow_size_quota(total, sizes, power), (sizes, total)
+            assert sum(quota) == total and min(quota) >= 2
+    # equal sizes, or power 0: the equal share, seed cluster first
+    assert size_quota(50, torch.tensor([7] * 6), 1.0) == split_quota(50, 6) == [9, 9, 8, 8, 8, 8]
+    assert size_quota(48, torch.tensor([62, 500, 500, 62, 62, 62]), 0.0) == [8] * 6
+    # continual_5x2's last increment: a 62-image memory cluster beside two new classes of 500
+    assert size_quota(48, torch.tensor([62, 500, 500, 62, 62, 62]), 0.5) == [5, 14, 14, 5, 5, 5]
+
+
+def test_size_quota_draws_new_images_more_often_and_keeps_equal_clusters_identical():
+    # a memory-like class of 10 beside two classes of 120 (K = 1): per-image draws an epoch
+    emb, labels = blobs((120, 120, 10))
+    state = ClusterState(len(labels))
+    state.index = build_cluster_index(emb, labels, k=1, seed=0)
+    rates = {}
+    for power in (0.0, 1.0):
+        sampler = NeighbourhoodBatchSampler(state, len(labels), 3, 8, quota_power=power)
+        drawn = torch.cat(list(sampler))
+        assert all(len(b) == 24 for b in sampler)
+        counts = torch.bincount(drawn, minlength=len(labels)).double()
+        rates[power] = counts[labels < 2].mean() / counts[labels == 2].mean()
+    # equal shares draw each memory image 12x as often as a large-class image; shares by size come close to even
+    assert rates[0.0] < 0.15 and rates[1.0] > 0.4
+    # clusters of equal size: the same batches whatever the power (continual joint, naive and distill unchanged)
+    emb, labels = blobs((40, 40, 40))
+    state.index = build_cluster_index(emb, labels, k=1, seed=0)
+    batches = [list(NeighbourhoodBatchSampler(state, len(labels), 3, 4, quota_power=p)) for p in (0.0, 0.5)]
+    assert all(torch.equal(a, b) for a, b in zip(*batches))
+
+
 def test_probability_floor_never_all_zero():
     probs = seed_probabilities(torch.zeros(4))
     assert torch.allclose(probs, torch.full((4,), 0.25))
@@ -176,7 +236,8 @@ def test_ranks_draw_different_batches():
 
 @pytest.mark.parametrize("kw, match", [({"m": 1}, "M must be >= 2"), ({"d": 0}, "D must be >= 1"),
                                        ({"random_clusters": 3}, "random_clusters"),
-                                       ({"seed_weight": "size"}, "model.clusters.seed_weight must be one of")])
+                                       ({"seed_weight": "size"}, "model.clusters.seed_weight must be one of"),
+                                       ({"quota_power": 2.0}, "model.clusters.quota_power must be in")])
 def test_invalid_sampler_settings(kw, match):
     args = {"m": 3, "d": 2, **kw}
     with pytest.raises(ValueError, match=match):
