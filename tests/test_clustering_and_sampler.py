@@ -242,3 +242,14 @@ def test_invalid_sampler_settings(kw, match):
     args = {"m": 3, "d": 2, **kw}
     with pytest.raises(ValueError, match=match):
         NeighbourhoodBatchSampler(ClusterState(10), 10, **args)
+
+
+def test_continual_experiment_shares_batches_by_square_root_size(make_cfg):
+    """continual_5x2 sets model.clusters.quota_power; the magnet module hands it to the sampler it builds."""
+    import hydra
+
+    model = hydra.utils.instantiate(make_cfg("experiment=continual_5x2", "data=fake").model)
+    sampler = model.train_batch_sampler(100, seed=0, increment=1, rank=0, world_size=1)
+    assert sampler.quota_power == 0.5 and sampler.batch_size == 48
+    default = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10", "data=fake").model)
+    assert default.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1).quota_power == 0.0
