@@ -143,11 +143,10 @@ class NeighbourhoodBatchSampler:
 
     def sample_batch(self, g: torch.Generator) -> torch.Tensor:
         members = self.state.index.members
-        chosen = self.choose_clusters(g)
+        chosen = self.choose_clusters(g).tolist()
         if self.quota_power == 0:
             quotas = split_quota(self.batch_size, len(chosen))  # D each when M clusters were found
         else:
-            quotas = size_quota(self.batch_size, torch.tensor([len(members[c]) for c in chosen.tolist()]),
-                                self.quota_power)
-        chosen = chosen.tolist()
+            sizes = torch.tensor([len(members[c]) for c in chosen])
+            quotas = size_quota(self.batch_size, sizes, self.quota_power)
         return torch.cat([draw_members(members[c], q, g) for c, q in zip(chosen, quotas)])
