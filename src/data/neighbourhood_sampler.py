@@ -147,6 +147,5 @@ class NeighbourhoodBatchSampler:
         if self.quota_power == 0:
             quotas = split_quota(self.batch_size, len(chosen))  # D each when M clusters were found
         else:
-            sizes = torch.tensor([len(members[c]) for c in chosen])
-            quotas = size_quota(self.batch_size, sizes, self.quota_power)
+            quotas = size_quota(self.batch_size, self.state.index.cluster_sizes()[chosen], self.quota_power)
         return torch.cat([draw_members(members[c], q, g) for c, q in zip(chosen, quotas)])
