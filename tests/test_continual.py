@@ -372,3 +372,34 @@ def test_later_increments_warm_up_with_cross_entropy_when_asked(tmp_path, monkey
 def test_a_later_warmup_that_leaves_no_magnet_epoch_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"continual.later_warmup_epochs .*trainer.max_epochs=2"):
         run(tmp_path, "bad", "strategy=naive", "trainer.max_epochs=2", "continual.later_warmup_epochs=2")
+
+
+def test_later_lr_scale_multiplies_every_later_increments_learning_rate(tmp_path, monkeypatch):
+    """continual.later_lr_scale: the first increment trains at the scheduler's rates, every later one at exactly
+    that factor times the rates an unscaled run uses at the same steps (same schedule, not compounded)."""
+    from src.continual.strategies.naive import Naive
+
+    original = Naive.observe
+
+    def record(self, module, batch, embeddings, loss):
+        rates.setdefault(id(module.trainer), []).append(module.trainer.optimizers[0].param_groups[0]["lr"])
+        return original(self, module, batch, embeddings, loss)
+
+    monkeypatch.setattr(Naive, "observe", record)
+    runs = {}
+    for scale in (1.0, 0.25):
+        rates = {}
+        run(tmp_path, f"scale{scale}", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+            "trainer.limit_train_batches=3", f"continual.later_lr_scale={scale}")
+        runs[scale] = list(rates.values())
+    assert len(runs[1.0]) == 5 and [len(r) for r in runs[0.25]] == [len(r) for r in runs[1.0]]
+    assert runs[0.25][0] == runs[1.0][0]  # the first increment is untouched
+    assert len(set(runs[1.0][1])) > 1  # the schedule moves within an increment
+    for plain, scaled in zip(runs[1.0][1:], runs[0.25][1:]):
+        assert scaled == pytest.approx([0.25 * lr for lr in plain], rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "fast"])
+def test_a_bad_later_lr_scale_fails_in_one_line(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"continual.later_lr_scale must be a number > 0"):
+        run(tmp_path, "bad", "strategy=naive", f"continual.later_lr_scale={bad}")

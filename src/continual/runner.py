@@ -115,6 +115,17 @@ def later_warmup_epochs(cfg: DictConfig) -> int:
     return epochs
 
 
+def later_lr_scale(cfg: DictConfig) -> float:
+    """The factor on the learning rate in every increment after the first (1 = the first increment's schedule
+    again). A smaller step moves the embedding the earlier classes were learnt in less, at some cost to the
+    new classes."""
+    scale = cfg.get("continual", {}).get("later_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"continual.later_lr_scale must be a number > 0 (1.0: every increment uses model.optimizer's "
+                         f"rate); got {scale!r}")
+    return float(scale)
+
+
 def save_state(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -138,7 +149,7 @@ def run_continual(cfg: DictConfig) -> dict:
     T = datamodule.num_increments
     R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
-    warmup, later_warmup = module.warmup_epochs, later_warmup_epochs(cfg)
+    warmup, later_warmup, later_scale = module.warmup_epochs, later_warmup_epochs(cfg), later_lr_scale(cfg)
     state_path = out / "continual_state.pt"
     if cfg.get("ckpt_path"):
         state_path = Path(cfg.ckpt_path)
@@ -155,6 +166,7 @@ def run_continual(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed + t, workers=True)  # per increment, so a resumed run repeats it exactly
         datamodule.increment = t
         module.warmup_epochs = warmup if t == 0 else later_warmup
+        module.lr_scale = 1.0 if t == 0 else later_scale
         strategy.begin_task(t, module, datamodule)
         callbacks = [cb for cb in instantiate_group(cfg.get("callbacks")) if not isinstance(cb, pl.callbacks.ModelCheckpoint)]
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False)

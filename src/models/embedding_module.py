@@ -63,6 +63,9 @@ class EmbeddingModule(pl.LightningModule):
         self.index_fresh = False  # was the index rebuilt from this epoch's final weights (validation may select)?
         self.train_reference: tuple[torch.Tensor, torch.Tensor] | None = None  # train embeddings for k-NN
         self.strategy = None  # a continual strategy (src/continual/strategies), when one drives training
+        # Factor on every learning rate the optimizer and scheduler give: 1 except in a continual increment after the
+        # first, where the runner sets continual.later_lr_scale (see lr_factor).
+        self.lr_scale = 1.0
         self.output_dir: Path | None = None
         self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
         self.test_results: dict[str, float] = {}
@@ -146,8 +149,34 @@ class EmbeddingModule(pl.LightningModule):
     def configure_optimizers(self):
         opt = self.hparams.optimizer(params=self.parameters())
         if self.hparams.scheduler is None:
+            for group in opt.param_groups:  # a constant rate: scaled once
+                group["lr"] *= self.lr_factor()
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.build_scheduler(opt), "interval": "step"}}
+
+    def lr_factor(self) -> float:
+        """What the scheduler's learning rate is multiplied by at the current epoch."""
+        return self.lr_scale
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        super().lr_scheduler_step(scheduler, metric)
+        self.apply_lr_factor(scheduler)
+
+    def on_train_epoch_start(self) -> None:
+        # Before the epoch's first step: the first epoch's rate (the scheduler has not stepped yet), or a factor
+        # that changed with the epoch (MagnetModule's warm-up). Set from the scheduler's own value, so it is
+        # idempotent (e.g. after a resume).
+        for config in self.trainer.lr_scheduler_configs:
+            self.apply_lr_factor(config.scheduler)
+
+    def apply_lr_factor(self, scheduler) -> None:
+        # Schedulers such as OneCycleLR compute each rate from their own state, not from the group's current
+        # rate, so overwriting the group's rate after each step scales the schedule without compounding.
+        factor = self.lr_factor()
+        if factor == 1.0:
+            return
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr * factor
 
     def scheduler_takes_total_steps(self) -> bool:
         return "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters

@@ -81,21 +81,8 @@ class MagnetModule(EmbeddingModule):
         magnet_steps = (max_epochs - self.warmup_epochs) * steps_per_epoch
         return phased_schedule(optimizer, self.hparams.scheduler, [warmup_steps, magnet_steps])
 
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        super().lr_scheduler_step(scheduler, metric)
-        self.scale_lr_after_warmup(scheduler)
-
-    def on_train_epoch_start(self) -> None:
-        # The scheduler last stepped inside the warm-up: the first magnet epoch needs the factor before its
-        # first step. Setting it from the scheduler's own value keeps this idempotent (e.g. after a resume).
-        for config in self.trainer.lr_scheduler_configs:
-            self.scale_lr_after_warmup(config.scheduler)
-
-    def scale_lr_after_warmup(self, scheduler) -> None:
-        if self.lr_scale_after_warmup == 1.0 or self.in_warmup():
-            return
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr * self.lr_scale_after_warmup
+    def lr_factor(self) -> float:
+        return super().lr_factor() * (1.0 if self.in_warmup() else self.lr_scale_after_warmup)
 
     def train_batch_sampler(self, num_examples, seed, increment, rank, world_size):
         return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,
