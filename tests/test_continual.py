@@ -403,3 +403,37 @@ def test_later_lr_scale_multiplies_every_later_increments_learning_rate(tmp_path
 def test_a_bad_later_lr_scale_fails_in_one_line(tmp_path, bad):
     with pytest.raises(ValueError, match=r"continual.later_lr_scale must be a number > 0"):
         run(tmp_path, "bad", "strategy=naive", f"continual.later_lr_scale={bad}")
+
+
+def test_teacher_bn_batch_gives_zero_distillation_for_an_unchanged_student_and_keeps_running_statistics():
+    """strategy.teacher_bn=batch: the teacher normalizes a training batch with the batch's statistics, as the student
+    does in its training step, so distillation starts at zero; with running statistics it does not (the batch is unlike
+    the population the statistics were estimated on), and the running statistics never move."""
+    from src.continual.strategies.distill import Distill
+    from src.models.components.backbone import EmbeddingNet
+    from src.models.embed import batchnorm_layers
+
+    torch.manual_seed(0)
+    student = EmbeddingNet(embedding_dim=8, dropout=0.0)
+    student.train()
+    with torch.no_grad():  # running statistics of a varied population, then a batch unlike it (as a neighbourhood batch is)
+        for _ in range(3):
+            student(torch.randn(16, 3, 32, 32))
+    batch_x = 0.5 * torch.randn(12, 3, 32, 32) + 1.0
+    losses = {}
+    for teacher_bn in ("running", "batch"):
+        strategy = Distill(weight=1.0, mode="relation", teacher_bn=teacher_bn)
+        teacher = strategy.snapshot_teacher(student)
+        saved = [bn.running_mean.clone() for bn in batchnorm_layers(teacher)]
+        with torch.no_grad():
+            losses[teacher_bn] = float(strategy.distillation_loss(student(batch_x), teacher(batch_x)))
+        assert all(torch.equal(a, bn.running_mean) for a, bn in zip(saved, batchnorm_layers(teacher)))
+        assert not any(p.requires_grad for p in teacher.parameters())
+    assert losses["batch"] < 1e-6 < 1e-2 < losses["running"]
+
+
+def test_a_bad_teacher_bn_fails_in_one_line():
+    from src.continual.strategies.distill import Distill
+
+    with pytest.raises(ValueError, match="strategy.teacher_bn must be running or batch"):
+        Distill(teacher_bn="frozen")

@@ -8,28 +8,47 @@ import copy
 import torch
 
 from src.continual.strategies.replay import Replay
+from src.models.embed import batchnorm_layers
 
 
 class Distill(Replay):
     name = "distill"
 
-    def __init__(self, weight: float = 1.0, mode: str = "relation", buffer_size: int = 0, **kwargs):
+    def __init__(self, weight: float = 1.0, mode: str = "relation", buffer_size: int = 0, teacher_bn: str = "running",
+                 **kwargs):
         super().__init__(buffer_size=buffer_size, **kwargs)
         if weight < 0:
             raise ValueError(f"strategy.weight must be >= 0, got {weight}")
         if mode not in ("feature", "relation"):
             raise ValueError(f"strategy.mode must be feature or relation, got {mode!r}")
+        if teacher_bn not in ("running", "batch"):
+            raise ValueError(f"strategy.teacher_bn must be running or batch, got {teacher_bn!r}")
         self.weight, self.mode = weight, mode
+        # How the teacher's BatchNorm normalizes the training batch. running: its running statistics (the
+        # evaluation-time network). batch: the batch's own statistics, as the student's BatchNorm does in a training
+        # step, so a student equal to the teacher gets zero loss; with running statistics, a neighbourhood batch of a
+        # few similar classes is normalized differently by the two, and the loss pulls the student away from the
+        # teacher from the first step.
+        self.teacher_bn = teacher_bn
         self.teacher: torch.nn.Module | None = None
         self._teacher_device: torch.device | None = None
 
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
         if t > 0:
-            self.teacher = copy.deepcopy(module.net).eval()
+            self.teacher = self.snapshot_teacher(module.net)
             self._teacher_device = None
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+
+    def snapshot_teacher(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of ``net``: eval mode (no dropout), BatchNorm as strategy.teacher_bn says."""
+        teacher = copy.deepcopy(net).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if self.teacher_bn == "batch":
+            for bn in batchnorm_layers(teacher):
+                bn.train()  # normalize with the batch's statistics...
+                bn.momentum = 0.0  # ...and leave the running ones untouched (running = 1 * running + 0 * batch)
+        return teacher
 
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.mode == "feature":
