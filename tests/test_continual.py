@@ -437,3 +437,11 @@ def test_a_bad_teacher_bn_fails_in_one_line():
 
     with pytest.raises(ValueError, match="strategy.teacher_bn must be running or batch"):
         Distill(teacher_bn="frozen")
+
+
+def test_magnet_memory_distils_from_a_teacher_normalized_like_the_student_by_default(tmp_path):
+    import hydra
+
+    strategy = hydra.utils.instantiate(compose(["experiment=continual_5x2"], tmp_path).strategy)
+    assert type(strategy).__name__ == "MagnetMemory" and strategy.teacher_bn == "batch"
+    assert hydra.utils.instantiate(compose(["experiment=continual_5x2", "strategy=distill"], tmp_path).strategy).teacher_bn == "running"
