@@ -69,7 +69,7 @@ def test_random_batches_before_the_index_are_full_size_too():
 
 
 # ---- 2. the checkpoint is chosen on the measurement that is reported --------------------------------------
-def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path):
+def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path, monkeypatch):
     """Re-evaluating the selected checkpoint with the test-time procedure (fresh embedding pass with the BN
     re-estimation, k-means with the seed of its epoch, final K) on the validation split gives exactly the
     val/acc it was selected on."""
@@ -89,9 +89,13 @@ def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path):
     assert ev["val/magnet_acc"] == pytest.approx(results["val/best"], abs=1e-4)
     assert 0.1 < results["val/best"] < 1.0  # a real measurement, not a constant
     # the read-out analysis starts from the same procedure: its first row is the selection measurement
-    from src.models.readout_choice import readout_choices
+    import src.models.readout_choice as readout_choice
 
-    choices = readout_choices(results["best_checkpoint"], split="val")
+    def second_pass(*args, **kwargs):
+        raise AssertionError("readout_choices embedded the split again; the test pass's embeddings serve every read-out")
+
+    monkeypatch.setattr(readout_choice, "embed_images", second_pass, raising=False)
+    choices = readout_choice.readout_choices(results["best_checkpoint"], split="val")
     assert next(iter(choices.values())) == pytest.approx(results["val/best"], abs=1e-4)
 
 

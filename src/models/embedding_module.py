@@ -69,6 +69,8 @@ class EmbeddingModule(pl.LightningModule):
         self.output_dir: Path | None = None
         self.run_config: dict | None = None  # the resolved Hydra config, saved into checkpoints
         self.test_results: dict[str, float] = {}
+        # the last test pass's embeddings and labels (CPU): read-out analyses reuse them instead of a second pass
+        self.test_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def _max_epochs(self, max_epochs: int | None) -> int | None:
@@ -328,6 +330,7 @@ class EmbeddingModule(pl.LightningModule):
         if not self._eval_outputs:
             return
         emb, y, logits = self._gather_outputs()
+        self.test_embeddings = (emb, y)
         results = self.evaluate_embeddings(emb, y, logits)
         self.test_results = results
         self.log_dict({f"test/{k}": v for k, v in results.items() if math.isfinite(v)})

@@ -6,8 +6,8 @@ variance of the rebuilt index, or a multiple of the model's own).
     python -m src.models.readout_choice outputs/.../checkpoints/epoch_046.ckpt [--split val] [--data-dir data]
 
 The index is rebuilt from the checkpoint's weights exactly as ``python -m src.eval`` does (same pass, same
-k-means seed), so the first row reproduces the ``val/acc`` the checkpoint was selected on; one embedding pass
-then serves every read-out."""
+k-means seed), so the first row reproduces the ``val/acc`` the checkpoint was selected on; that pass's embeddings
+then serve every read-out."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,6 @@ from omegaconf import open_dict
 
 from src.eval import checkpoint_for_testing, load_run_config
 from src.models.components.magnet_loss import magnet_predict
-from src.models.embed import embed_images
 
 READOUT_L = (1, 2, 4, 8)
 VARIANCE_SCALES = (0.5, 2.0)
@@ -41,10 +40,10 @@ def readout_choices(ckpt_path: Path, split: str = "val", data_dir: str | None = 
                          "a magnet model (model=magnet)")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks)
-    # the test-time procedure: rebuilds the index (and re-estimates BatchNorm) from the checkpoint's weights
+    # the test-time procedure: rebuilds the index (and re-estimates BatchNorm) from the checkpoint's weights, then
+    # embeds the split, whose embeddings every read-out below reuses
     trainer.test(model, datamodule=datamodule, verbose=False)
-    images, labels = datamodule.val_arrays() if split == "val" else datamodule.test_arrays()
-    emb = embed_images(model, datamodule.transform, images).cpu().float()
+    emb, labels = model.test_embeddings
     index = model.cluster_state.index
     return readout_accuracies(emb, labels, index.centroids, index.centroid_labels, model.num_classes,
                               own=(f"own (sigma^2 {model.eval_variance_source}, L={model.L})", model.eval_variance(), model.L),
