@@ -327,6 +327,7 @@ class EmbeddingModule(pl.LightningModule):
         return self.index_fresh or not self.uses_training_index
 
     def on_test_epoch_end(self):
+        self.test_embeddings = None  # never an earlier pass's, when this one had no images
         if not self._eval_outputs:
             return
         emb, y, logits = self._gather_outputs()

@@ -43,6 +43,9 @@ def readout_choices(ckpt_path: Path, split: str = "val", data_dir: str | None = 
     # the test-time procedure: rebuilds the index (and re-estimates BatchNorm) from the checkpoint's weights, then
     # embeds the split, whose embeddings every read-out below reuses
     trainer.test(model, datamodule=datamodule, verbose=False)
+    if model.test_embeddings is None:
+        raise ValueError(f"the {split} split of {ckpt_path}'s run has no images (data.val_size=0?); choose --split test "
+                         "or a run with a validation split")
     emb, labels = model.test_embeddings
     index = model.cluster_state.index
     return readout_accuracies(emb, labels, index.centroids, index.centroid_labels, model.num_classes,
