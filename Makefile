@@ -10,8 +10,9 @@ SHARED_DATA ?= ../shared/data
 
 install:  ## virtual environment with the project and its dev tools
 	$(PY) -m venv $(VENV)
-	# (pip's warnings about local index folders it cannot read are noise on machines without them)
-	set -o pipefail; $(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
+	# (pip's warnings about local index folders it cannot read are noise on machines without them; --no-cache-dir:
+	# the venv alone takes about 6.2 GB with the CUDA build of torch, so no second copy of the downloads is kept)
+	set -o pipefail; $(BIN)/pip install -q --no-cache-dir -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, torchvision, pytorch_lightning, hydra, faiss; print('installed torch', torch.__version__)"
 
 data:  ## build CIFAR-10's python layout from the offline JPEG copy (no network needed)
