@@ -445,3 +445,78 @@ def test_magnet_memory_distils_from_a_teacher_normalized_like_the_student_by_def
     strategy = hydra.utils.instantiate(compose(["experiment=continual_5x2"], tmp_path).strategy)
     assert type(strategy).__name__ == "MagnetMemory" and strategy.teacher_bn == "batch"
     assert hydra.utils.instantiate(compose(["experiment=continual_5x2", "strategy=distill"], tmp_path).strategy).teacher_bn == "running"
+
+
+def test_interpolate_previous_merges_the_weights_with_the_previous_increments():
+    """strategy.interpolate_previous=w: after a later increment the weights become (1 - w) * trained + w * the previous
+    increment's (the teacher), BatchNorm statistics too, batch counters untouched; off (0) and in the first increment
+    (no previous model) nothing changes and the runner is told so."""
+    from types import SimpleNamespace
+
+    from src.continual.strategies.distill import Distill
+    from src.models.components.backbone import EmbeddingNet
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(embedding_dim=8, dropout=0.0)
+    module = SimpleNamespace(net=net, uses_neighbourhood_sampler=True)
+    strategy = Distill(interpolate_previous=0.25)
+    assert strategy.after_training(0, module) is False  # no previous model yet
+    strategy.teacher = strategy.snapshot_teacher(net)
+    previous = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for v in net.state_dict().values():
+            v.add_(torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else 1)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    assert strategy.after_training(1, module) is True
+    for name, value in net.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.75 * trained[name] + 0.25 * previous[name])
+        else:
+            assert torch.equal(value, trained[name])
+    off = Distill(interpolate_previous=0.0)
+    off.teacher = off.snapshot_teacher(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert off.after_training(1, module) is False
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="strategy.interpolate_previous needs a model whose BatchNorm"):
+        strategy.after_training(1, SimpleNamespace(net=net, uses_neighbourhood_sampler=False))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "half", True])
+def test_a_bad_interpolate_previous_fails_in_one_line(bad):
+    from src.continual.strategies.distill import Distill
+
+    with pytest.raises(ValueError, match=r"strategy.interpolate_previous must be a number in \[0, 1\)"):
+        Distill(interpolate_previous=bad)
+
+
+def test_the_runner_rebuilds_the_index_from_merged_weights(tmp_path, monkeypatch):
+    """With strategy.interpolate_previous the index every later increment is measured with comes from the merged weights
+    (one rebuild after the merge), not from the weights the last epoch ended with."""
+    from src.callbacks.recluster import ReclusterCallback
+    from src.continual.strategies.distill import Distill
+
+    events = []
+    original_merge, original_rebuild = Distill.after_training, ReclusterCallback.rebuild
+
+    def merge(self, t, module):
+        changed = original_merge(self, t, module)
+        events.append(("merge", t, changed))
+        return changed
+
+    def rebuild(self, trainer, pl_module, *args, **kwargs):
+        events.append(("rebuild", trainer.datamodule.increment, trainer.state.fn))
+        return original_rebuild(self, trainer, pl_module, *args, **kwargs)
+
+    monkeypatch.setattr(Distill, "after_training", merge)
+    monkeypatch.setattr(ReclusterCallback, "rebuild", rebuild)
+    run(tmp_path, "merged", "debug=fdr", "strategy=magnet_memory", "strategy.buffer_size=20",
+        "strategy.interpolate_previous=0.5")
+    merges = [e for e in events if e[0] == "merge"]
+    assert merges == [("merge", t, t > 0) for t in range(5)]
+    for t in range(5):  # the event right after the merge: a rebuild of that increment's index, or none in the first
+        after = events[events.index(merges[t]) + 1] if events.index(merges[t]) + 1 < len(events) else None
+        if t > 0:
+            assert after is not None and after[:2] == ("rebuild", t)
+        else:
+            assert after is None or after[0] != "rebuild" or after[1] != 0

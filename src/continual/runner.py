@@ -175,10 +175,12 @@ def run_continual(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule)
         # Lightning hands the model back on the CPU after fit; the passes below belong on the device
         module.to(trainer.strategy.root_device)
-        if not module.uses_training_index:
-            # iid-trained models keep no index while training: one from the final weights
+        weights_changed = strategy.after_training(t, module)
+        if weights_changed or not module.uses_training_index:
+            # iid-trained models keep no index while training, and changed weights need a new one (with BatchNorm
+            # re-estimated on them): one from the final weights
             recluster.rebuild(trainer, module, k=module.clusters_per_class(None))
-        # (a magnet model's index was rebuilt from its final weights at the end of its last epoch)
+        # (otherwise a magnet model's index was rebuilt from its final weights at the end of its last epoch)
         strategy.end_task(t, module, datamodule)
         row = evaluate_increment(module, datamodule, strategy, t)
         for name in MATRIX_KEYS:

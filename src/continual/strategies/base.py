@@ -2,6 +2,8 @@
 
 - ``begin_task(t, module, datamodule)``: before training increment t (set memory, snapshot teachers);
 - ``observe(module, batch, embeddings, loss)``: in each training step; returns the loss to optimize;
+- ``after_training(t, module)``: right after increment t's training, before anything is measured; it may change the
+  weights (True: the runner then rebuilds the cluster index, re-estimating BatchNorm, from the new weights);
 - ``end_task(t, module, datamodule)``: after training increment t (update memory, compensate drift).
 
 ``eval_centroids`` decides which cluster centroids classify each seen class after an increment."""
@@ -36,6 +38,10 @@ class Strategy:
 
     def observe(self, module, batch, embeddings: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return loss
+
+    def after_training(self, t: int, module) -> bool:
+        """Change the trained weights before they are measured; True when they changed. Here: never."""
+        return False
 
     def end_task(self, t: int, module, datamodule) -> None:
         """Remember the centroids of the classes this increment introduced, computed on all their data."""

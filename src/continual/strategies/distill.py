@@ -15,7 +15,7 @@ class Distill(Replay):
     name = "distill"
 
     def __init__(self, weight: float = 1.0, mode: str = "relation", buffer_size: int = 0, teacher_bn: str = "running",
-                 **kwargs):
+                 interpolate_previous: float = 0.0, **kwargs):
         super().__init__(buffer_size=buffer_size, **kwargs)
         if weight < 0:
             raise ValueError(f"strategy.weight must be >= 0, got {weight}")
@@ -30,6 +30,15 @@ class Distill(Replay):
         # few similar classes is normalized differently by the two, and the loss pulls the student away from the
         # teacher from the first step.
         self.teacher_bn = teacher_bn
+        if isinstance(interpolate_previous, bool) or not isinstance(interpolate_previous, (int, float)) \
+                or not 0 <= interpolate_previous < 1:
+            raise ValueError("strategy.interpolate_previous must be a number in [0, 1) (the previous increment's share of "
+                             f"the merged weights; 0: off), got {interpolate_previous!r}")
+        # Weight interpolation (Kozal et al. 2024, "Continual learning with weight interpolation"): after each later
+        # increment the weights become (1 - w) * trained + w * previous increment's, a point between a model that fits
+        # the new classes and one that still holds the old ones; the two share their start, so the path between them
+        # stays low-loss. The runner then re-estimates BatchNorm and rebuilds the index on the merged weights.
+        self.interpolate_previous = float(interpolate_previous)
         self.teacher: torch.nn.Module | None = None
         self._teacher_device: torch.device | None = None
 
@@ -38,6 +47,19 @@ class Distill(Replay):
         if t > 0:
             self.teacher = self.snapshot_teacher(module.net)
             self._teacher_device = None
+
+    def after_training(self, t, module):
+        if self.interpolate_previous == 0 or self.teacher is None:
+            return False
+        if not module.uses_neighbourhood_sampler:
+            raise ValueError(f"strategy.interpolate_previous needs a model whose BatchNorm statistics are re-estimated on the "
+                             f"merged weights (a magnet model); {type(module).__name__} keeps its running statistics: set it to 0")
+        previous = self.teacher.state_dict()
+        with torch.no_grad():
+            for name, value in module.net.state_dict().items():
+                if value.is_floating_point():  # weights and BatchNorm statistics; not the batch counters
+                    value.lerp_(previous[name].to(value.device), self.interpolate_previous)
+        return True
 
     def snapshot_teacher(self, net: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy of ``net``: eval mode (no dropout), BatchNorm as strategy.teacher_bn says."""
