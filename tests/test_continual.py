@@ -520,3 +520,11 @@ def test_the_runner_rebuilds_the_index_from_merged_weights(tmp_path, monkeypatch
             assert after is not None and after[:2] == ("rebuild", t)
         else:
             assert after is None or after[0] != "rebuild" or after[1] != 0
+
+
+def test_continual_5x2_trains_cross_entropy_beside_the_magnet_loss_in_every_strategy(tmp_path):
+    """model.ce_weight=1.0 in the continual experiment (chosen on validation, README session 16), for every strategy
+    alike so that the table compares one training signal; the metric-learning experiment keeps the paper's pure magnet loss."""
+    for strategy in STRATEGIES:
+        assert compose(["experiment=continual_5x2", f"strategy={strategy}"], tmp_path).model.ce_weight == 1.0
+    assert compose(["experiment=magnet_cifar10"], tmp_path).model.ce_weight == 0.0
