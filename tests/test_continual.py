@@ -478,8 +478,9 @@ def test_interpolate_previous_merges_the_weights_with_the_previous_increments():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert off.after_training(1, module) is False
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    # a model that keeps its running BatchNorm statistics is refused before its first increment trains
     with pytest.raises(ValueError, match="strategy.interpolate_previous needs a model whose BatchNorm"):
-        strategy.after_training(1, SimpleNamespace(net=net, uses_neighbourhood_sampler=False))
+        strategy.begin_task(0, SimpleNamespace(net=net, uses_neighbourhood_sampler=False), datamodule=None)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, "half", True])

@@ -43,6 +43,10 @@ class Distill(Replay):
         self._teacher_device: torch.device | None = None
 
     def begin_task(self, t, module, datamodule):
+        # checked before the first increment trains, not when the first merge is attempted an increment later
+        if self.interpolate_previous > 0 and not module.uses_neighbourhood_sampler:
+            raise ValueError(f"strategy.interpolate_previous needs a model whose BatchNorm statistics are re-estimated on the "
+                             f"merged weights (a magnet model); {type(module).__name__} keeps its running statistics: set it to 0")
         super().begin_task(t, module, datamodule)
         if t > 0:
             self.teacher = self.snapshot_teacher(module.net)
@@ -51,9 +55,6 @@ class Distill(Replay):
     def after_training(self, t, module):
         if self.interpolate_previous == 0 or self.teacher is None:
             return False
-        if not module.uses_neighbourhood_sampler:
-            raise ValueError(f"strategy.interpolate_previous needs a model whose BatchNorm statistics are re-estimated on the "
-                             f"merged weights (a magnet model); {type(module).__name__} keeps its running statistics: set it to 0")
         previous = self.teacher.state_dict()
         with torch.no_grad():
             for name, value in module.net.state_dict().items():
