@@ -88,8 +88,8 @@ def main() -> None:
         while queue and len(live) < a.parallel and now + expected < a.kill_at:
             name, overrides = queue.pop(0)
             cmd = [sys.executable, "-m", "src.train", *shlex.split(a.common), *overrides, f"hydra.run.dir={a.runs / name}"]
-            log = open(a.runs / f"{name}.log", "w")
-            live[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+            with open(a.runs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+                live[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
             say(f"start {name}: {' '.join(overrides)}")
         if not live:
             break

@@ -14,7 +14,9 @@
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 faiss-cpu pytorch-metric-learning
+#     hydra-core==1.3.8 omegaconf==2.3.1 faiss-cpu pytorch-metric-learning
+#   python3 -m pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl   # omegaconf's parser: published as source only,
+#                                                                          # so --only-binary above cannot fetch it
 #   mkdir -p .gpu && cp -r ../shared/data .gpu/shared_data
 # and call it with carry [".whl", ".gpu"]:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD;
