@@ -537,3 +537,76 @@ def test_continual_5x2_trains_cross_entropy_beside_the_magnet_loss_in_every_stra
         cfg = compose([*TINY, f"model={other}", "strategy=naive"], tmp_path)
         assert "ce_weight" not in cfg.model
         hydra.utils.instantiate(cfg.model)
+
+
+def naive_relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation written out: every pair's distance, each matrix divided by its mean, smooth L1."""
+    n = len(student)
+    ds = torch.tensor([[float((student[i] - student[j]).norm()) for j in range(n)] for i in range(n)])
+    dt = torch.tensor([[float((teacher[i] - teacher[j]).norm()) for j in range(n)] for i in range(n)])
+    ds, dt = ds / ds.mean(), dt / dt.mean()
+    diff = (ds - dt).abs()
+    return torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).mean()
+
+
+def naive_feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    sq = sum(float((s - t).pow(2).sum()) for s, t in zip(student, teacher)) / len(student)
+    mean = teacher.mean(0)
+    var = sum(float((t - mean).pow(2).sum()) for t in teacher) / (len(teacher) - 1)
+    return torch.tensor(sq / var)
+
+
+@pytest.mark.parametrize("mode", ["relation", "feature"])
+def test_distillation_on_the_memory_equals_the_loss_over_the_memory_rows_alone(mode):
+    """strategy.distill_on=memory: a mask over the batch, never an index (static shapes), so the masked loss must equal
+    the plain loss over the kept rows; with every row kept it is the whole batch's loss, as before the key existed."""
+    from src.continual.strategies.distill import Distill
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(10, 4), torch.randn(10, 4)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    naive = naive_relation_loss if mode == "relation" else naive_feature_loss
+    strategy = Distill(mode=mode, buffer_size=10, distill_on="memory")
+    assert torch.allclose(strategy.distillation_loss(student, teacher, keep), naive(student[keep], teacher[keep]), atol=1e-5)
+    assert torch.allclose(strategy.distillation_loss(student, teacher), naive(student, teacher), atol=1e-5)
+    everything = torch.ones(10, dtype=torch.bool)
+    assert torch.allclose(strategy.distillation_loss(student, teacher, everything), naive(student, teacher), atol=1e-5)
+    # the dropped rows do not matter, whatever they hold
+    moved = student.clone()
+    moved[~keep] += 100.0
+    assert torch.allclose(strategy.distillation_loss(moved, teacher, keep), strategy.distillation_loss(student, teacher, keep))
+
+
+def test_distill_on_memory_ignores_the_new_classes_images_in_a_training_step():
+    """observe() keeps only the rows whose label is not one of this increment's classes: a student that differs from
+    its teacher on new-class images alone gets zero distillation with distill_on=memory, and not with batch."""
+    from types import SimpleNamespace
+
+    from src.continual.strategies.distill import Distill
+    from src.models.components.backbone import EmbeddingNet
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(embedding_dim=8, dropout=0.0)
+    x = torch.randn(12, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 4, 4, 0, 1, 2, 3, 4, 4])  # classes 4 and 5 are new; 0-3 are the memory's
+    y[5], y[11] = 5, 5
+    losses = {}
+    for where in ("batch", "memory"):
+        strategy = Distill(weight=1.0, mode="feature", buffer_size=10, distill_on=where, teacher_bn="batch")
+        strategy.teacher = strategy.snapshot_teacher(net)
+        strategy._new_classes = torch.tensor([4, 5])
+        module = SimpleNamespace(log_train=lambda *a, **k: None)
+        with torch.no_grad():
+            emb = strategy.teacher(x)
+        emb[y >= 4] += 1.0  # the student moved the new classes only
+        losses[where] = float(strategy.observe(module, (x, y, None), emb, torch.tensor(0.0)))
+    assert losses["memory"] < 1e-6 < 1e-2 < losses["batch"]
+
+
+def test_bad_distill_on_settings_fail_in_one_line():
+    from src.continual.strategies.distill import Distill
+
+    with pytest.raises(ValueError, match="strategy.distill_on must be batch or memory"):
+        Distill(distill_on="new")
+    with pytest.raises(ValueError, match="strategy.distill_on=memory .* strategy.buffer_size is 0"):
+        Distill(distill_on="memory", buffer_size=0)

@@ -15,7 +15,7 @@ class Distill(Replay):
     name = "distill"
 
     def __init__(self, weight: float = 1.0, mode: str = "relation", buffer_size: int = 0, teacher_bn: str = "running",
-                 interpolate_previous: float = 0.0, **kwargs):
+                 interpolate_previous: float = 0.0, distill_on: str = "batch", **kwargs):
         super().__init__(buffer_size=buffer_size, **kwargs)
         if weight < 0:
             raise ValueError(f"strategy.weight must be >= 0, got {weight}")
@@ -23,7 +23,17 @@ class Distill(Replay):
             raise ValueError(f"strategy.mode must be feature or relation, got {mode!r}")
         if teacher_bn not in ("running", "batch"):
             raise ValueError(f"strategy.teacher_bn must be running or batch, got {teacher_bn!r}")
+        if distill_on not in ("batch", "memory"):
+            raise ValueError(f"strategy.distill_on must be batch or memory, got {distill_on!r}")
+        if distill_on == "memory" and buffer_size == 0:
+            raise ValueError("strategy.distill_on=memory distils on the memory's images, but strategy.buffer_size is 0: "
+                             "give the strategy a memory, or set strategy.distill_on=batch")
         self.weight, self.mode = weight, mode
+        # Which images of a training batch the distillation compares. batch: all of them. memory: only the exemplars of
+        # earlier classes. The teacher never saw the new classes, so over the whole batch it pins their embeddings (or
+        # their distances to the old classes) to where the old model put them, next to the old classes they resemble.
+        self.distill_on = distill_on
+        self._new_classes: torch.Tensor | None = None  # this increment's classes, on the training device
         # How the teacher's BatchNorm normalizes the training batch. running: its running statistics (the
         # evaluation-time network). batch: the batch's own statistics, as the student's BatchNorm does in a training
         # step, so a student equal to the teacher gets zero loss; with running statistics, a neighbourhood batch of a
@@ -51,6 +61,8 @@ class Distill(Replay):
         if t > 0:
             self.teacher = self.snapshot_teacher(module.net)
             self._teacher_device = None
+        self._new_classes = torch.tensor(datamodule.classes_of_increment(t), dtype=torch.long)
+        self._teacher_device = None  # moves the teacher and the class list to the device at the first step
 
     def after_training(self, t, module):
         if self.interpolate_previous == 0 or self.teacher is None:
@@ -73,12 +85,33 @@ class Distill(Replay):
                 bn.momentum = 0.0  # ...and leave the running ones untouched (running = 1 * running + 0 * batch)
         return teacher
 
-    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor,
+                          keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Distillation over every row, or over the rows of the boolean mask ``keep``."""
+        if keep is not None:
+            return self.masked_distillation_loss(student, teacher, keep)
         if self.mode == "feature":
             # scale-free: squared error relative to the teacher's spread
             return (student - teacher).pow(2).sum(1).mean() / teacher.var(0).sum().clamp_min(1e-8)
         ds, dt = torch.cdist(student, student), torch.cdist(teacher, teacher)
         return torch.nn.functional.smooth_l1_loss(ds / ds.mean().clamp_min(1e-8), dt / dt.mean().clamp_min(1e-8))
+
+    def masked_distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The same loss over the kept rows alone. Masked rather than indexed, so the shapes stay static and the step never
+        waits for the host; a batch without two kept rows gives 0. (The unmasked path above stays as it was, so runs
+        without a mask repeat their earlier numbers to the bit.)"""
+        w = keep.to(student.dtype)
+        n = w.sum()
+        if self.mode == "feature":
+            mean = (w[:, None] * teacher).sum(0) / n.clamp_min(1.0)
+            var = (w[:, None] * (teacher - mean).pow(2)).sum() / (n - 1).clamp_min(1.0)
+            return (w * (student - teacher).pow(2).sum(1)).sum() / n.clamp_min(1.0) / var.clamp_min(1e-8)
+        pair = w[:, None] * w[None, :]
+        pairs = pair.sum().clamp_min(1.0)  # the diagonal's zero distances count, as in the unmasked mean
+        ds, dt = torch.cdist(student, student), torch.cdist(teacher, teacher)
+        ds = ds / ((pair * ds).sum() / pairs).clamp_min(1e-8)
+        dt = dt / ((pair * dt).sum() / pairs).clamp_min(1e-8)
+        return (pair * torch.nn.functional.smooth_l1_loss(ds, dt, reduction="none")).sum() / pairs
 
     def observe(self, module, batch, embeddings, loss):
         loss = super().observe(module, batch, embeddings, loss)  # the memory batch's loss, in replay_mode=batch
@@ -86,10 +119,12 @@ class Distill(Replay):
             return loss
         if self._teacher_device != embeddings.device:  # once, not a walk over the modules every step
             self.teacher.to(embeddings.device)
+            self._new_classes = self._new_classes.to(embeddings.device)
             self._teacher_device = embeddings.device
         with torch.no_grad():
-            target = self.teacher(batch[0]).float()
-        kd = self.distillation_loss(embeddings.float(), target)
+            target = self.teacher(batch[0]).float()  # the whole batch, so BatchNorm sees what the student's sees
+        keep = None if self.distill_on == "batch" else ~torch.isin(batch[1], self._new_classes)
+        kd = self.distillation_loss(embeddings.float(), target, keep)
         module.log_train({"train/distill": kd})
         return loss + self.weight * kd
 
