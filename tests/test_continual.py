@@ -610,3 +610,40 @@ def test_bad_distill_on_settings_fail_in_one_line():
         Distill(distill_on="new")
     with pytest.raises(ValueError, match="strategy.distill_on=memory .* strategy.buffer_size is 0"):
         Distill(distill_on="memory", buffer_size=0)
+
+
+def test_asymmetric_ce_masks_each_rows_logits_like_a_naive_loop():
+    """strategy.asymmetric_ce=true (ER-ACE): a new class's row competes over this increment's classes, a memory row over
+    every seen class; the module's cross-entropy equals the one computed row by row over those classes alone."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from src.continual.strategies.replay import Replay
+    from src.models.embedding_module import EmbeddingModule
+
+    strategy = Replay(buffer_size=10, asymmetric_ce=True, replay_mode="dataset")
+    datamodule = SimpleNamespace(classes_of_increment=lambda t: [4, 5], seen_classes=[0, 1, 2, 3, 4, 5], cumulative=False,
+                                 memory_indices=None)
+    strategy.begin_task(2, SimpleNamespace(num_classes=10, predicts_with_logits=False), datamodule)
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 10), torch.tensor([4, 5, 0, 3, 5, 1])
+    allowed = strategy.logit_mask(y)
+    expected = []
+    for row, label in zip(logits, y.tolist()):
+        classes = [4, 5] if label in (4, 5) else [0, 1, 2, 3, 4, 5]
+        expected.append(-F.log_softmax(row[classes], 0)[classes.index(label)])
+    module = SimpleNamespace(strategy=strategy, net=SimpleNamespace(classifier=lambda e: e), check_finite=lambda *a: None,
+                             log_train=lambda *a, **k: None)
+    got = EmbeddingModule.classifier_loss(module, logits, y)
+    assert torch.allclose(got, torch.stack(expected).mean())
+    assert allowed.tolist()[0] == [False] * 4 + [True, True] + [False] * 4
+    module.strategy = Replay(buffer_size=10, replay_mode="dataset")  # off: every class competes, as before
+    assert torch.allclose(EmbeddingModule.classifier_loss(module, logits, y), F.cross_entropy(logits, y))
+
+
+def test_a_bad_asymmetric_ce_fails_in_one_line():
+    from src.continual.strategies.replay import Replay
+
+    with pytest.raises(ValueError, match="strategy.asymmetric_ce must be true or false"):
+        Replay(asymmetric_ce="yes")

@@ -194,7 +194,11 @@ class EmbeddingModule(pl.LightningModule):
     def classifier_loss(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy through the classifier head: the warm-up epochs before the method's own loss, and the optional
         auxiliary term (model.ce_weight)."""
-        loss = nn.functional.cross_entropy(self.net.classifier(emb), y)
+        logits = self.net.classifier(emb)
+        allowed = None if self.strategy is None else self.strategy.logit_mask(y)
+        if allowed is not None:  # a continual strategy may restrict the classes each row competes over (ER-ACE)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        loss = nn.functional.cross_entropy(logits, y)
         self.check_finite(loss, "cross-entropy loss")
         self.log_train({"train/ce": loss})
         return loss

@@ -24,7 +24,4 @@ class SoftmaxModule(EmbeddingModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         emb = self.training_forward(x)
-        loss = F.cross_entropy(self.net.classifier(emb), y)
-        self.check_finite(loss, "cross-entropy loss")
-        self.log_train({"train/ce": loss})
-        return self.observe(batch, emb, loss)
+        return self.observe(batch, emb, self.classifier_loss(emb, y))

@@ -39,6 +39,11 @@ class Strategy:
     def observe(self, module, batch, embeddings: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
+    def logit_mask(self, y: torch.Tensor) -> torch.Tensor | None:
+        """For each training row (label ``y``), the classes its cross-entropy competes over ([B, C] booleans), or None
+        for every class. Here: every class."""
+        return None
+
     def after_training(self, t: int, module) -> bool:
         """Change the trained weights before they are measured; True when they changed. Here: never."""
         return False

@@ -43,7 +43,7 @@ class Replay(Strategy):
     name = "replay"
 
     def __init__(self, buffer_size: int = 500, selection: str = "herding", seed: int = 0, replay_mode: str = "auto",
-                 **kwargs):
+                 asymmetric_ce: bool = False, **kwargs):
         super().__init__(**kwargs)
         if buffer_size < 0:
             raise ValueError(f"strategy.buffer_size must be >= 0, got {buffer_size}")
@@ -51,7 +51,15 @@ class Replay(Strategy):
             raise ValueError(f"strategy.selection must be herding or random, got {selection!r}")
         if replay_mode not in ("auto", "dataset", "batch"):
             raise ValueError(f"strategy.replay_mode must be auto, dataset or batch, got {replay_mode!r}")
+        if not isinstance(asymmetric_ce, bool):
+            raise ValueError(f"strategy.asymmetric_ce must be true or false, got {asymmetric_ce!r}")
         self.buffer_size, self.selection, self.seed, self.replay_mode = buffer_size, selection, seed, replay_mode
+        # ER-ACE (Caccia et al. 2022, "New insights on reducing abrupt representation change in online continual
+        # learning"): the cross-entropy of a new class's image competes only over this increment's classes, that of a
+        # memory image over every seen class. Without it, each new image pushes every old class's logit down, and
+        # the features the old classes are read from move most when the new classes arrive.
+        self.asymmetric_ce = asymmetric_ce
+        self._ace_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (new classes, seen classes) as [C] booleans
         self.memory: dict[int, torch.Tensor] = {}  # class -> indices into the CIFAR train array, best first
         # replay_mode=batch: the memory's uint8 images and labels (on the device once the first step ran)
         self._memory_batch_source: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -69,7 +77,21 @@ class Replay(Strategy):
             self._increment, self._generator = t, None  # drawn at the first step, once the rank is known
             idx = self.memory_indices()
             self._memory_batch_source = datamodule.pool_arrays(idx) if len(idx) else None
+        if self.asymmetric_ce:
+            new, seen = (torch.zeros(module.num_classes, dtype=torch.bool) for _ in range(2))
+            new[datamodule.classes_of_increment(t)] = True
+            seen[datamodule.seen_classes] = True
+            self._ace_masks = new, seen
         self._publish_memory(datamodule)
+
+    def logit_mask(self, y):
+        if self._ace_masks is None:
+            return None
+        new, seen = self._ace_masks
+        if new.device != y.device:  # once per increment
+            new, seen = self._ace_masks = new.to(y.device), seen.to(y.device)
+        # a device-side choice per row: the step never asks the host which rows are new
+        return torch.where(new[y][:, None], new[None, :], seen[None, :])
 
     def _publish_memory(self, datamodule) -> None:
         """In ``dataset`` mode the memory joins the training set; in ``batch`` mode it stays out of it."""
@@ -95,7 +117,9 @@ class Replay(Strategy):
             return loss
         emb, labels = self._memory_outputs
         self._memory_outputs = None
-        memory_loss = F.cross_entropy(module.classifier_logits(emb), labels)
+        logits = module.classifier_logits(emb)
+        allowed = self.logit_mask(labels)
+        memory_loss = F.cross_entropy(logits if allowed is None else logits.masked_fill(~allowed, float("-inf")), labels)
         module.log_train({"train/replay_ce": memory_loss}, prog_bar=False)
         # the mean over the concatenated batch, as one cross-entropy over current + memory images would be
         n, m = len(embeddings), len(labels)
