@@ -1,8 +1,6 @@
 """Cross-entropy baseline: same trunk and head; the embedding is the penultimate layer."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from src.models.embedding_module import EmbeddingModule
 
 
