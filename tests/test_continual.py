@@ -647,3 +647,18 @@ def test_a_bad_asymmetric_ce_fails_in_one_line():
 
     with pytest.raises(ValueError, match="strategy.asymmetric_ce must be true or false"):
         Replay(asymmetric_ce="yes")
+
+
+def test_asymmetric_magnet_restricts_a_new_images_impostors_to_the_new_classes():
+    from types import SimpleNamespace
+
+    from src.continual.strategies.replay import Replay
+
+    datamodule = SimpleNamespace(classes_of_increment=lambda t: [4, 5], seen_classes=[0, 1, 2, 3, 4, 5], cumulative=False,
+                                 memory_indices=None)
+    strategy = Replay(buffer_size=10, asymmetric_magnet=True, replay_mode="dataset")
+    strategy.begin_task(2, SimpleNamespace(num_classes=10, predicts_with_logits=False), datamodule)
+    y = torch.tensor([5, 1])
+    assert strategy.logit_mask(y) is None  # the cross-entropy keeps every class unless asymmetric_ce says otherwise
+    assert strategy.impostor_mask(y).tolist() == [[False] * 4 + [True] * 2 + [False] * 4, [True] * 6 + [False] * 4]
+    assert Replay(buffer_size=10).impostor_mask(y) is None

@@ -341,3 +341,29 @@ def test_lr_scale_after_warmup_must_be_positive():
 
     with pytest.raises(InstantiationException, match="model.lr_scale_after_warmup must be > 0"):
         hydra.utils.instantiate(compose(["model.lr_scale_after_warmup=0"], Path("/tmp/unused")).model)
+
+
+def test_indexed_loss_restricted_impostors_match_a_loop_over_the_allowed_clusters():
+    """impostor_classes (a continual strategy's asymmetric loss): each row's denominator sums over the clusters of its
+    allowed classes only; a row left without any gets 0, and the sampler's no-impostor flag is not raised for it."""
+    from src.models.components.magnet_loss import magnet_loss_indexed
+
+    g = torch.Generator().manual_seed(3)
+    cluster_labels = torch.tensor([0, 1, 2, 3])
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    labels = cluster_labels[ids]
+    emb = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    allowed = torch.ones(12, 4, dtype=torch.bool)
+    allowed[labels == 2] = torch.tensor([False, False, True, True])   # class 2 competes with class 3 only
+    allowed[labels == 3] = torch.tensor([False, False, False, True])  # class 3 with nothing: loss 0
+    losses, var, lacking = magnet_loss_indexed(emb, ids, labels, cluster_labels, alpha=0.5, impostor_classes=allowed)
+    means = torch.stack([emb[ids == c].mean(0) for c in range(4)])
+    for i in range(12):
+        own = float((emb[i] - means[ids[i]]).pow(2).sum())
+        others = [c for c in range(4) if c != int(labels[i]) and allowed[i, c]]
+        if not others:
+            assert float(losses[i]) == 0.0
+            continue
+        denom = sum(math.exp(-float((emb[i] - means[c]).pow(2).sum()) / (2 * float(var))) for c in others)
+        assert float(losses[i]) == pytest.approx(max(0.0, own / (2 * float(var)) + 0.5 + math.log(denom)), rel=1e-9)
+    assert not lacking

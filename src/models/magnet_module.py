@@ -102,7 +102,9 @@ class MagnetModule(EmbeddingModule):
             return self.observe(batch, emb, self.classifier_loss(emb, y))
         # cluster ids gathered on the device: the step never asks the host for anything
         assignments, cluster_labels = self.cluster_state.index_on(emb.device)
-        loss, per_example, variance, lacking = self.loss.indexed(emb.float(), assignments[pos], y, cluster_labels)  # fp32
+        impostors = None if self.strategy is None else self.strategy.impostor_mask(y)
+        loss, per_example, variance, lacking = self.loss.indexed(emb.float(), assignments[pos], y, cluster_labels,
+                                                                 impostor_classes=impostors)  # fp32
         self.check_finite(loss, "magnet loss")
         self.check_impostors(lacking)
         self.cluster_state.record_losses(pos, per_example)

@@ -44,6 +44,11 @@ class Strategy:
         for every class. Here: every class."""
         return None
 
+    def impostor_mask(self, y: torch.Tensor) -> torch.Tensor | None:
+        """For each training row, the classes whose clusters may be its magnet loss's impostors ([B, C] booleans), or
+        None for every class. Here: every class."""
+        return None
+
     def after_training(self, t: int, module) -> bool:
         """Change the trained weights before they are measured; True when they changed. Here: never."""
         return False

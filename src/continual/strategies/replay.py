@@ -43,7 +43,7 @@ class Replay(Strategy):
     name = "replay"
 
     def __init__(self, buffer_size: int = 500, selection: str = "herding", seed: int = 0, replay_mode: str = "auto",
-                 asymmetric_ce: bool = False, **kwargs):
+                 asymmetric_ce: bool = False, asymmetric_magnet: bool = False, **kwargs):
         super().__init__(**kwargs)
         if buffer_size < 0:
             raise ValueError(f"strategy.buffer_size must be >= 0, got {buffer_size}")
@@ -51,14 +51,17 @@ class Replay(Strategy):
             raise ValueError(f"strategy.selection must be herding or random, got {selection!r}")
         if replay_mode not in ("auto", "dataset", "batch"):
             raise ValueError(f"strategy.replay_mode must be auto, dataset or batch, got {replay_mode!r}")
-        if not isinstance(asymmetric_ce, bool):
-            raise ValueError(f"strategy.asymmetric_ce must be true or false, got {asymmetric_ce!r}")
+        for key, value in (("asymmetric_ce", asymmetric_ce), ("asymmetric_magnet", asymmetric_magnet)):
+            if not isinstance(value, bool):
+                raise ValueError(f"strategy.{key} must be true or false, got {value!r}")
         self.buffer_size, self.selection, self.seed, self.replay_mode = buffer_size, selection, seed, replay_mode
         # ER-ACE (Caccia et al. 2022, "New insights on reducing abrupt representation change in online continual
         # learning"): the cross-entropy of a new class's image competes only over this increment's classes, that of a
         # memory image over every seen class. Without it, each new image pushes every old class's logit down, and
         # the features the old classes are read from move most when the new classes arrive.
-        self.asymmetric_ce = asymmetric_ce
+        # asymmetric_magnet: the same for the magnet loss, whose impostors for a new class's image are then the new
+        # classes' clusters only; the memory's images keep every cluster as impostor.
+        self.asymmetric_ce, self.asymmetric_magnet = asymmetric_ce, asymmetric_magnet
         self._ace_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (new classes, seen classes) as [C] booleans
         self.memory: dict[int, torch.Tensor] = {}  # class -> indices into the CIFAR train array, best first
         # replay_mode=batch: the memory's uint8 images and labels (on the device once the first step ran)
@@ -77,7 +80,7 @@ class Replay(Strategy):
             self._increment, self._generator = t, None  # drawn at the first step, once the rank is known
             idx = self.memory_indices()
             self._memory_batch_source = datamodule.pool_arrays(idx) if len(idx) else None
-        if self.asymmetric_ce:
+        if self.asymmetric_ce or self.asymmetric_magnet:
             new, seen = (torch.zeros(module.num_classes, dtype=torch.bool) for _ in range(2))
             new[datamodule.classes_of_increment(t)] = True
             seen[datamodule.seen_classes] = True
@@ -85,8 +88,12 @@ class Replay(Strategy):
         self._publish_memory(datamodule)
 
     def logit_mask(self, y):
-        if self._ace_masks is None:
-            return None
+        return self._asymmetric_mask(y) if self.asymmetric_ce else None
+
+    def impostor_mask(self, y):
+        return self._asymmetric_mask(y) if self.asymmetric_magnet else None
+
+    def _asymmetric_mask(self, y):
         new, seen = self._ace_masks
         if new.device != y.device:  # once per increment
             new, seen = self._ace_masks = new.to(y.device), seen.to(y.device)

@@ -47,8 +47,8 @@ def magnet_loss_with_options(embeddings: Tensor, cluster_ids: Tensor, labels: Te
 
 
 def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, cluster_labels: Tensor,
-                        alpha: float = 1.0, detach_variance: bool = False,
-                        eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+                        alpha: float = 1.0, detach_variance: bool = False, eps: float = 1e-12,
+                        impostor_classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example losses and the batch variance for a batch drawn from a
     cluster index of C clusters (``cluster_ids`` in 0..C-1, ``cluster_labels`` [C] from the index).
 
@@ -57,7 +57,11 @@ def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor,
     so the training step can be captured in a CUDA graph. The checks the validating version makes per
     batch hold by construction (one label per cluster: the index; an impostor for every example: the
     neighbourhood sampler); the third result flags, on the device, any example left without an impostor
-    (its loss is set to 0 instead of NaN) for the caller to check every few steps."""
+    (its loss is set to 0 instead of NaN) for the caller to check every few steps.
+
+    ``impostor_classes`` ([N, num_classes] booleans, optional) restricts each example's impostors to clusters of
+    those classes (a continual strategy's asymmetric loss: a new class's image is contrasted with the new classes
+    only)."""
     num_clusters = cluster_labels.shape[0]
     ones = torch.ones_like(cluster_ids, dtype=embeddings.dtype)
     counts = torch.zeros(num_clusters, device=embeddings.device, dtype=embeddings.dtype).index_add_(0, cluster_ids, ones)
@@ -71,12 +75,15 @@ def magnet_loss_indexed(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor,
     var_used = variance.detach() if detach_variance else variance
     scale = 1.0 / (2.0 * var_used.clamp_min(eps))
     impostor = (cluster_labels[None, :] != labels[:, None]) & (counts > 0)[None, :]
+    lacking = ~impostor.any(1).all()  # the sampler's promise, checked before any restriction
+    if impostor_classes is not None:  # a row left without an allowed impostor is meant to contribute 0
+        impostor = impostor & impostor_classes[:, cluster_labels]
     has_impostor = impostor.any(1)
     # a row with no impostor would give logsumexp(-inf...) = -inf and NaN gradients: give it a finite row
     impostor = impostor | ~has_impostor[:, None]
     logits = (-sq_dist * scale).masked_fill(~impostor, float("-inf"))
     losses = torch.relu(own * scale + alpha + torch.logsumexp(logits, dim=1)) * has_impostor
-    return losses, variance, ~has_impostor.all()
+    return losses, variance, lacking
 
 
 def magnet_loss(embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -115,10 +122,10 @@ class MagnetLoss(torch.nn.Module):
         losses, variance = magnet_loss_with_options(embeddings, cluster_ids, labels, self.alpha, self.detach_variance)
         return losses.mean(), losses, variance
 
-    def indexed(self, embeddings: Tensor, cluster_ids: Tensor, labels: Tensor,
-                cluster_labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def indexed(self, embeddings: Tensor, cluster_ids: Tensor, labels: Tensor, cluster_labels: Tensor,
+                impostor_classes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The training step's form (see ``magnet_loss_indexed``): mean, per-example losses, variance and
         the on-device flag for an example without impostor."""
         losses, variance, lacking = magnet_loss_indexed(embeddings, cluster_ids, labels, cluster_labels, self.alpha,
-                                                        self.detach_variance)
+                                                        self.detach_variance, impostor_classes=impostor_classes)
         return losses.mean(), losses, variance, lacking
