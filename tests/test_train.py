@@ -144,8 +144,8 @@ def test_nan_loss_stops_with_a_clear_error(make_cfg, monkeypatch):
 
     original = ml.MagnetLoss.indexed
 
-    def poisoned(self, *a):
-        mean, losses, var, lacking = original(self, *a)
+    def poisoned(self, *a, **kw):
+        mean, losses, var, lacking = original(self, *a, **kw)
         return mean * float("nan"), losses, var, lacking
 
     monkeypatch.setattr(ml.MagnetLoss, "indexed", poisoned)
