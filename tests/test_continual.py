@@ -583,6 +583,7 @@ def test_distill_on_memory_ignores_the_new_classes_images_in_a_training_step():
     from types import SimpleNamespace
 
     from src.continual.strategies.distill import Distill
+    from src.continual.strategies.replay import class_masks
     from src.models.components.backbone import EmbeddingNet
 
     torch.manual_seed(0)
@@ -594,7 +595,7 @@ def test_distill_on_memory_ignores_the_new_classes_images_in_a_training_step():
     for where in ("batch", "memory"):
         strategy = Distill(weight=1.0, mode="feature", buffer_size=10, distill_on=where, teacher_bn="batch")
         strategy.teacher = strategy.snapshot_teacher(net)
-        strategy._new_classes = torch.tensor([4, 5])
+        strategy._class_masks = class_masks(10, [4, 5], [0, 1, 2, 3, 4, 5])
         module = SimpleNamespace(log_train=lambda *a, **k: None)
         with torch.no_grad():
             emb = strategy.teacher(x)

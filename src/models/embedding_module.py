@@ -195,9 +195,8 @@ class EmbeddingModule(pl.LightningModule):
         """Cross-entropy through the classifier head: the warm-up epochs before the method's own loss, and the optional
         auxiliary term (model.ce_weight)."""
         logits = self.net.classifier(emb)
-        allowed = None if self.strategy is None else self.strategy.logit_mask(y)
-        if allowed is not None:  # a continual strategy may restrict the classes each row competes over (ER-ACE)
-            logits = logits.masked_fill(~allowed, float("-inf"))
+        if self.strategy is not None:  # a continual strategy may restrict the classes each row competes over (ER-ACE)
+            logits = self.strategy.restrict_logits(logits, y)
         loss = nn.functional.cross_entropy(logits, y)
         self.check_finite(loss, "cross-entropy loss")
         self.log_train({"train/ce": loss})

@@ -44,6 +44,11 @@ class Strategy:
         for every class. Here: every class."""
         return None
 
+    def restrict_logits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the classes ``logit_mask`` leaves out of each row's cross-entropy set to -inf."""
+        allowed = self.logit_mask(y)
+        return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+
     def impostor_mask(self, y: torch.Tensor) -> torch.Tensor | None:
         """For each training row, the classes whose clusters may be its magnet loss's impostors ([B, C] booleans), or
         None for every class. Here: every class."""

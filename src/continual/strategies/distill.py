@@ -33,7 +33,6 @@ class Distill(Replay):
         # earlier classes. The teacher never saw the new classes, so over the whole batch it pins their embeddings (or
         # their distances to the old classes) to where the old model put them, next to the old classes they resemble.
         self.distill_on = distill_on
-        self._new_classes: torch.Tensor | None = None  # this increment's classes, on the training device
         # How the teacher's BatchNorm normalizes the training batch. running: its running statistics (the
         # evaluation-time network). batch: the batch's own statistics, as the student's BatchNorm does in a training
         # step, so a student equal to the teacher gets zero loss; with running statistics, a neighbourhood batch of a
@@ -61,8 +60,10 @@ class Distill(Replay):
         if t > 0:
             self.teacher = self.snapshot_teacher(module.net)
             self._teacher_device = None
-        self._new_classes = torch.tensor(datamodule.classes_of_increment(t), dtype=torch.long)
-        self._teacher_device = None  # moves the teacher and the class list to the device at the first step
+
+    @property
+    def uses_class_masks(self) -> bool:
+        return super().uses_class_masks or self.distill_on == "memory"
 
     def after_training(self, t, module):
         if self.interpolate_previous == 0 or self.teacher is None:
@@ -119,11 +120,10 @@ class Distill(Replay):
             return loss
         if self._teacher_device != embeddings.device:  # once, not a walk over the modules every step
             self.teacher.to(embeddings.device)
-            self._new_classes = self._new_classes.to(embeddings.device)
             self._teacher_device = embeddings.device
         with torch.no_grad():
             target = self.teacher(batch[0]).float()  # the whole batch, so BatchNorm sees what the student's sees
-        keep = None if self.distill_on == "batch" else ~torch.isin(batch[1], self._new_classes)
+        keep = None if self.distill_on == "batch" else ~self.new_class_rows(batch[1])
         kd = self.distillation_loss(embeddings.float(), target, keep)
         module.log_train({"train/distill": kd})
         return loss + self.weight * kd

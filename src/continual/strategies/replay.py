@@ -21,6 +21,13 @@ from src.models.embed import embed_images
 from src.utils.seeding import stream_generator
 
 
+def class_masks(num_classes: int, new_classes: list[int], seen_classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C] booleans: this increment's classes, and every class seen so far."""
+    new, seen = torch.zeros(num_classes, dtype=torch.bool), torch.zeros(num_classes, dtype=torch.bool)
+    new[new_classes], seen[seen_classes] = True, True
+    return new, seen
+
+
 def herding(emb: torch.Tensor, m: int) -> torch.Tensor:
     """iCaRL herding: greedily pick points whose running mean stays closest to the class mean.
     Returns positions in selection order, so any prefix is itself a herded memory."""
@@ -62,7 +69,8 @@ class Replay(Strategy):
         # asymmetric_magnet: the same for the magnet loss, whose impostors for a new class's image are then the new
         # classes' clusters only; the memory's images keep every cluster as impostor.
         self.asymmetric_ce, self.asymmetric_magnet = asymmetric_ce, asymmetric_magnet
-        self._ace_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (new classes, seen classes) as [C] booleans
+        # (this increment's classes, every seen class) as [C] booleans, moved to the training device at the first step
+        self._class_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.memory: dict[int, torch.Tensor] = {}  # class -> indices into the CIFAR train array, best first
         # replay_mode=batch: the memory's uint8 images and labels (on the device once the first step ran)
         self._memory_batch_source: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -80,12 +88,14 @@ class Replay(Strategy):
             self._increment, self._generator = t, None  # drawn at the first step, once the rank is known
             idx = self.memory_indices()
             self._memory_batch_source = datamodule.pool_arrays(idx) if len(idx) else None
-        if self.asymmetric_ce or self.asymmetric_magnet:
-            new, seen = (torch.zeros(module.num_classes, dtype=torch.bool) for _ in range(2))
-            new[datamodule.classes_of_increment(t)] = True
-            seen[datamodule.seen_classes] = True
-            self._ace_masks = new, seen
+        if self.uses_class_masks:
+            self._class_masks = class_masks(module.num_classes, datamodule.classes_of_increment(t), datamodule.seen_classes)
         self._publish_memory(datamodule)
+
+    @property
+    def uses_class_masks(self) -> bool:
+        """Does a training step need to know which rows are of this increment's classes?"""
+        return self.asymmetric_ce or self.asymmetric_magnet
 
     def logit_mask(self, y):
         return self._asymmetric_mask(y) if self.asymmetric_ce else None
@@ -93,10 +103,18 @@ class Replay(Strategy):
     def impostor_mask(self, y):
         return self._asymmetric_mask(y) if self.asymmetric_magnet else None
 
+    def _masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        new, seen = self._class_masks
+        if new.device != device:  # once per increment
+            new, seen = self._class_masks = new.to(device), seen.to(device)
+        return new, seen
+
+    def new_class_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """Which training rows (labels ``y``) belong to this increment's classes, on the device (no host sync)."""
+        return self._masks_on(y.device)[0][y]
+
     def _asymmetric_mask(self, y):
-        new, seen = self._ace_masks
-        if new.device != y.device:  # once per increment
-            new, seen = self._ace_masks = new.to(y.device), seen.to(y.device)
+        new, seen = self._masks_on(y.device)
         # a device-side choice per row: the step never asks the host which rows are new
         return torch.where(new[y][:, None], new[None, :], seen[None, :])
 
@@ -124,9 +142,7 @@ class Replay(Strategy):
             return loss
         emb, labels = self._memory_outputs
         self._memory_outputs = None
-        logits = module.classifier_logits(emb)
-        allowed = self.logit_mask(labels)
-        memory_loss = F.cross_entropy(logits if allowed is None else logits.masked_fill(~allowed, float("-inf")), labels)
+        memory_loss = F.cross_entropy(self.restrict_logits(module.classifier_logits(emb), labels), labels)
         module.log_train({"train/replay_ce": memory_loss}, prog_bar=False)
         # the mean over the concatenated batch, as one cross-entropy over current + memory images would be
         n, m = len(embeddings), len(labels)
