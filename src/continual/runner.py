@@ -126,6 +126,25 @@ def later_lr_scale(cfg: DictConfig) -> float:
     return float(scale)
 
 
+def balanced_phase(cfg: DictConfig) -> tuple[int, float]:
+    """(epochs, learning-rate factor) of the class-balanced phase that closes every increment after the first
+    (continual.balanced_epochs, continual.balanced_lr_scale; EEIL's balanced fine-tuning, Castro et al. 2018). Its
+    epochs come out of trainer.max_epochs, so an increment never trains longer than joint's: the increment's stream
+    for max_epochs - balanced_epochs epochs, then the strategy's balanced set (as many exemplars of every seen class,
+    new classes included) for balanced_epochs. 0: off."""
+    conf = cfg.get("continual", {})
+    epochs, scale = conf.get("balanced_epochs", 0), conf.get("balanced_lr_scale", 0.1)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0 or (
+            epochs and (max_epochs is None or epochs >= max_epochs)):
+        raise ValueError(f"continual.balanced_epochs must be an integer in [0, trainer.max_epochs={max_epochs}), the "
+                         f"epochs of each later increment trained on a class-balanced set; got {epochs!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"continual.balanced_lr_scale must be a number > 0 (the balanced phase's learning rate, "
+                         f"times the increment's); got {scale!r}")
+    return epochs, float(scale)
+
+
 def save_state(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -150,6 +169,9 @@ def run_continual(cfg: DictConfig) -> dict:
     R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
     warmup, later_warmup, later_scale = module.warmup_epochs, later_warmup_epochs(cfg), later_lr_scale(cfg)
+    balanced_epochs, balanced_scale = balanced_phase(cfg)
+    if balanced_epochs:
+        strategy.check_balanced_set()  # before any training: a strategy without a memory has no balanced set
     state_path = out / "continual_state.pt"
     if cfg.get("ckpt_path"):
         state_path = Path(cfg.ckpt_path)
@@ -168,14 +190,16 @@ def run_continual(cfg: DictConfig) -> dict:
         module.warmup_epochs = warmup if t == 0 else later_warmup
         module.lr_scale = 1.0 if t == 0 else later_scale
         strategy.begin_task(t, module, datamodule)
-        callbacks = [cb for cb in instantiate_group(cfg.get("callbacks")) if not isinstance(cb, pl.callbacks.ModelCheckpoint)]
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False)
+        balanced = balanced_epochs if t > 0 else 0  # the first increment is balanced already
+        trainer = make_trainer(cfg, cfg.trainer.max_epochs - balanced if balanced else None)
         recluster = recluster_callback(trainer)
         log.info(f"increment {t}: classes {datamodule.increment_classes}, {len(datamodule.train_indices)} training images")
         trainer.fit(module, datamodule=datamodule)
         # Lightning hands the model back on the CPU after fit; the passes below belong on the device
         module.to(trainer.strategy.root_device)
-        weights_changed = strategy.after_training(t, module)
+        if balanced:
+            train_balanced(cfg, module, datamodule, strategy, t, balanced, later_scale * balanced_scale)
+        weights_changed = strategy.after_training(t, module) or bool(balanced)
         if weights_changed or not module.uses_training_index:
             # iid-trained models keep no index while training, and changed weights need a new one (with BatchNorm
             # re-estimated on them): one from the final weights
@@ -200,6 +224,30 @@ def run_continual(cfg: DictConfig) -> dict:
                                     "strategy": strategy.state_dict(), "R": R, "seen_acc": seen_acc,
                                     "seen_acc_val": seen_acc_val, "times": times})
     return write_outputs(cfg, out, datamodule, R, seen_acc, seen_acc_val, times, time.perf_counter() - t0, loggers)
+
+
+def make_trainer(cfg: DictConfig, max_epochs: int | None = None) -> pl.Trainer:
+    """A fresh trainer for one phase of an increment: the run's callbacks (no checkpoints: the sequence saves its own
+    state), no per-phase logger; ``max_epochs`` replaces trainer.max_epochs when given."""
+    callbacks = [cb for cb in instantiate_group(cfg.get("callbacks")) if not isinstance(cb, pl.callbacks.ModelCheckpoint)]
+    extra = {} if max_epochs is None else {"max_epochs": max_epochs}
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, **extra)
+
+
+def train_balanced(cfg: DictConfig, module, datamodule, strategy, t: int, epochs: int, lr_scale: float) -> None:
+    """The class-balanced phase of increment t: ``epochs`` epochs on the strategy's balanced set at ``lr_scale`` times
+    the schedule's rates (the fit re-clusters that set). With as many images of each seen class, the new classes no
+    longer outnumber the old ones ~8 to 1, so the last steps do not pull the old classes' images towards them."""
+    indices = strategy.balanced_set(t, module, datamodule)
+    scale, datamodule.only_indices, module.lr_scale = module.lr_scale, indices, lr_scale
+    try:
+        trainer = make_trainer(cfg, epochs)
+        log.info(f"increment {t}: balanced phase, {len(indices)} images ({len(indices) // len(datamodule.seen_classes)} "
+                 f"per seen class), {epochs} epochs at {lr_scale:g} x the learning rate")
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        datamodule.only_indices, module.lr_scale = None, scale
+    module.to(trainer.strategy.root_device)
 
 
 def load_state(state: dict, module, strategy) -> None:

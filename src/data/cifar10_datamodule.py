@@ -88,6 +88,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self._validate()
         self.increment = increment
         self.memory_indices = torch.empty(0, dtype=torch.long)  # extra train-pool images (replay buffer)
+        # when set, the increment trains on exactly these train-pool images (the continual runner's class-balanced phase)
+        self.only_indices: torch.Tensor | None = None
         self._raw: dict[str, torch.Tensor] | None = None
 
     # ---- configuration checks -------------------------------------------------------------------
@@ -175,6 +177,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def train_indices(self) -> torch.Tensor:
         """Indices into the full CIFAR train array of the images the current increment trains on."""
         raw = self._require_setup()
+        if self.only_indices is not None:
+            return self.only_indices.sort().values  # CIFAR order: the classes interleaved, as below
         pool = self.train_pool[self._in_classes(raw["train_y"][self.train_pool], self.increment_classes)]
         if len(self.memory_indices):
             # Sorted by CIFAR index, i.e. classes interleaved as in the shuffled original: an appended

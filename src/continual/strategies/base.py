@@ -58,6 +58,16 @@ class Strategy:
         """Change the trained weights before they are measured; True when they changed. Here: never."""
         return False
 
+    def check_balanced_set(self) -> None:
+        """Raise unless ``balanced_set`` can give a class-balanced training set (continual.balanced_epochs > 0)."""
+        raise ValueError(f"continual.balanced_epochs trains on a class-balanced exemplar set, which strategy={self.name} "
+                         "does not keep; use strategy=replay or magnet_memory, or continual.balanced_epochs=0")
+
+    def balanced_set(self, t: int, module, datamodule) -> torch.Tensor:
+        """CIFAR train indices with as many images of every seen class, for the balanced phase of increment t."""
+        self.check_balanced_set()
+        raise NotImplementedError
+
     def end_task(self, t: int, module, datamodule) -> None:
         """Remember the centroids of the classes this increment introduced, computed on all their data."""
         index = module.cluster_state.index

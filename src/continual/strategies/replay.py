@@ -160,15 +160,30 @@ class Replay(Strategy):
         super().end_task(t, module, datamodule)
         if self.buffer_size == 0:  # e.g. distillation alone
             return
-        new_classes = datamodule.classes_of_increment(t)
-        m = self.per_class(len(self.memory) + len(new_classes))
-        for c in list(self.memory):  # shrink old classes: herding order means a prefix is still herded
-            self.memory[c] = self.memory[c][:m]
-        pool_labels = datamodule.train_labels(datamodule.train_pool)
-        for c in new_classes:
-            self.memory[c] = self.select_exemplars(datamodule.train_pool[pool_labels == c], m, t, c, module, datamodule)
+        self.memory = self.memory_after(t, module, datamodule)
         self._memory_batch_source = None  # the next increment loads the updated memory
         self._publish_memory(datamodule)
+
+    def memory_after(self, t, module, datamodule) -> dict[int, torch.Tensor]:
+        """The memory increment t ends with: the buffer shared equally among the seen classes, the old classes
+        shrunk (herding order: a prefix is still herded) and the new ones selected under ``module``'s embedding."""
+        new_classes = datamodule.classes_of_increment(t)
+        m = self.per_class(len(self.memory) + len(new_classes))
+        memory = {c: idx[:m] for c, idx in self.memory.items()}
+        pool_labels = datamodule.train_labels(datamodule.train_pool)
+        for c in new_classes:
+            memory[c] = self.select_exemplars(datamodule.train_pool[pool_labels == c], m, t, c, module, datamodule)
+        return memory
+
+    def check_balanced_set(self) -> None:
+        if self.buffer_size == 0:
+            raise ValueError("continual.balanced_epochs trains on the exemplar memory, but strategy.buffer_size=0 keeps "
+                             "none; raise strategy.buffer_size or set continual.balanced_epochs=0")
+
+    def balanced_set(self, t, module, datamodule) -> torch.Tensor:
+        # the memory as it will be after this increment, selected under the weights trained so far
+        memory = self.memory_after(t, module, datamodule)
+        return torch.cat([memory[c] for c in sorted(memory)])
 
     def select_exemplars(self, pool: torch.Tensor, m: int, t: int, c: int, module, datamodule) -> torch.Tensor:
         """``m`` of the CIFAR train indices in ``pool`` (class ``c``), best first."""
