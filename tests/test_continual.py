@@ -663,3 +663,113 @@ def test_asymmetric_magnet_restricts_a_new_images_impostors_to_the_new_classes()
     assert strategy.logit_mask(y) is None  # the cross-entropy keeps every class unless asymmetric_ce says otherwise
     assert strategy.impostor_mask(y).tolist() == [[False] * 4 + [True] * 2 + [False] * 4, [True] * 6 + [False] * 4]
     assert Replay(buffer_size=10).impostor_mask(y) is None
+
+
+def test_balanced_phase_trains_the_memory_the_increment_ends_with_for_its_epochs_at_a_scaled_rate(tmp_path, monkeypatch):
+    """continual.balanced_epochs=1 with trainer.max_epochs=3: the first increment trains 3 epochs on its stream; every
+    later one 2 epochs on its stream (images plus memory), then 1 epoch on exactly the memory it will end with (the
+    same number of images of every seen class, old classes a prefix of their herded memory) at balanced_lr_scale x
+    the rates of an unscaled phase."""
+    from src.continual.strategies.magnet_memory import MagnetMemory
+
+    original = MagnetMemory.observe
+    phases = {}  # id(trainer) -> (max_epochs, training indices, memory, learning rates, trainer: kept alive, so ids stay unique)
+
+    def record(self, module, batch, embeddings, loss):
+        trainer = module.trainer
+        entry = phases.setdefault(id(trainer), (trainer.max_epochs, trainer.datamodule.train_indices.clone(),
+                                                dict(self.memory), [], trainer))
+        entry[3].append(trainer.optimizers[0].param_groups[0]["lr"])
+        return original(self, module, batch, embeddings, loss)
+
+    monkeypatch.setattr(MagnetMemory, "observe", record)
+    args = ["trainer.max_epochs=3", "model.warmup_epochs=1", "strategy.buffer_size=40", "trainer.limit_train_batches=2"]
+    rates = {}
+    for scale in (1.0, 0.25):
+        phases.clear()
+        run(tmp_path, f"scale{scale}", *args, "continual.balanced_epochs=1", f"continual.balanced_lr_scale={scale}")
+        rates[scale] = [p[3] for p in phases.values()]
+        runs = list(phases.values())
+    assert [p[0] for p in runs] == [3] + [2, 1] * 4  # the balanced epoch comes out of the increment's three
+    from src.data.fake_datamodule import FakeDataModule
+
+    labels = FakeDataModule(train_per_class=30, test_per_class=10, val_size=50, subset_size=None).load_raw()["train_y"]
+    for t in range(1, 5):
+        (_, stream, memory_before, *_), (_, balanced, *_) = runs[2 * t - 1], runs[2 * t]
+        seen = list(range(2 * (t + 1)))
+        per_class = torch.bincount(labels[balanced], minlength=10)[: len(seen)]
+        assert per_class.tolist() == [40 // len(seen)] * len(seen)  # balanced over every seen class
+        assert len(stream) > len(balanced) and set(balanced.tolist()) - set(stream.tolist()) == set()
+        for c in range(2 * t):  # old classes: the first exemplars of the memory they were replayed from
+            mine = balanced[labels[balanced] == c]
+            assert set(mine.tolist()) == set(memory_before[c][: 40 // len(seen)].tolist())
+    for plain, scaled in zip(rates[1.0], rates[0.25]):
+        assert len(plain) == len(scaled)
+    for i, (plain, scaled) in enumerate(zip(rates[1.0], rates[0.25])):
+        assert scaled == pytest.approx(plain if i % 2 == 1 or i == 0 else [0.25 * lr for lr in plain], rel=1e-12)
+
+
+def test_balanced_phase_is_off_by_default_and_needs_a_memory(tmp_path):
+    from src.continual.runner import balanced_phase
+    from tests.conftest import compose as compose_cfg
+
+    assert balanced_phase(compose_cfg(TINY, tmp_path / "cfg")) == (0, 0.1)
+    with pytest.raises(ValueError, match=r"continual.balanced_epochs .*strategy=naive"):
+        run(tmp_path, "naive", "strategy=naive", "trainer.max_epochs=2", "continual.balanced_epochs=1")
+    with pytest.raises(ValueError, match=r"continual.balanced_epochs .*strategy.buffer_size=0"):
+        run(tmp_path, "empty", "strategy=replay", "strategy.buffer_size=0", "trainer.max_epochs=2",
+            "continual.balanced_epochs=1")
+
+
+@pytest.mark.parametrize("bad", ["continual.balanced_epochs=2", "continual.balanced_epochs=-1",
+                                 "continual.balanced_epochs=1.5", "continual.balanced_lr_scale=0"])
+def test_a_bad_balanced_phase_fails_in_one_line(tmp_path, bad):
+    key = bad.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key} must be"):
+        run(tmp_path, "bad", "trainer.max_epochs=2", "continual.balanced_epochs=1", bad)
+
+
+def test_joint_at_a_matched_budget_takes_as_many_steps_per_epoch_as_replay(tmp_path, monkeypatch):
+    """strategy.matched_buffer=B: joint trains on every seen class's images, but each epoch only as many batches as
+    replay with buffer_size=B takes (the increment's images plus its exemplars); null keeps all the seen data."""
+    from src.continual.strategies.base import Strategy
+
+    original = Strategy.observe
+    steps, labels_seen = {}, {}
+
+    def record(self, module, batch, embeddings, loss):
+        key = (self.name, module.trainer.datamodule.increment)
+        steps[key] = steps.get(key, 0) + 1
+        labels_seen.setdefault(key, set()).update(batch[1].tolist())
+        return original(self, module, batch, embeddings, loss)
+
+    monkeypatch.setattr(Strategy, "observe", record)
+    args = ["trainer.max_epochs=2", "model.warmup_epochs=1"]
+    run(tmp_path, "replay", *args, "strategy=replay", "strategy.buffer_size=40")
+    run(tmp_path, "matched", *args, "strategy=joint", "strategy.matched_buffer=40")
+    matched, replay = ({t: steps[(name, t)] for t in range(5)} for name in ("joint", "replay"))
+    assert labels_seen[("joint", 4)] == set(range(10))  # drawn from every seen class
+    steps.clear()
+    run(tmp_path, "full", *args, "strategy=joint")
+    assert matched == replay and replay[4] == 2 * 8  # 2 epochs x ceil((50 + 40) / 12) batches
+    assert steps[("joint", 4)] == 2 * 21  # all the seen data: 2 x ceil(250 / 12)
+
+
+def test_capped_batch_sampler_yields_a_prefix_of_each_epoch():
+    from src.data.loaders import CappedBatchSampler, RandomBatchSampler
+
+    inner = RandomBatchSampler(50, 8, seed=3)
+    capped = CappedBatchSampler(RandomBatchSampler(50, 8, seed=3), 3)
+    for epoch in (0, 1):
+        inner.set_epoch(epoch)
+        capped.set_epoch(epoch)
+        assert len(capped) == 3 and [b.tolist() for b in capped] == [b.tolist() for b in inner][:3]
+    assert len(CappedBatchSampler(inner, 100)) == len(inner) == 7
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_matched_buffer_fails_in_one_line(bad):
+    from src.continual.strategies.joint import Joint
+
+    with pytest.raises(ValueError, match="strategy.matched_buffer must be null"):
+        Joint(matched_buffer=bad)

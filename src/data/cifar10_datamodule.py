@@ -2,6 +2,7 @@
 split, and two-class increments for class-incremental learning."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from src.data.cifar10 import MEAN, STD, DataError, load_cifar10
-from src.data.loaders import InMemoryLoader, RandomBatchSampler
+from src.data.loaders import CappedBatchSampler, InMemoryLoader, RandomBatchSampler
 from src.data.transforms import BatchTransform
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.memory_indices = torch.empty(0, dtype=torch.long)  # extra train-pool images (replay buffer)
         # when set, the increment trains on exactly these train-pool images (the continual runner's class-balanced phase)
         self.only_indices: torch.Tensor | None = None
+        # when set, each training epoch draws only as many whole batches as this many images fill (the rest of the
+        # training set is not seen that epoch): the continual joint strategy at a memory strategy's budget
+        self.epoch_images: int | None = None
         self._raw: dict[str, torch.Tensor] | None = None
 
     # ---- configuration checks -------------------------------------------------------------------
@@ -241,6 +245,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if sampler is None:
             sampler = RandomBatchSampler(len(y), self.batch_size, self.seed, shuffle=True, rank=rank, world_size=world,
                                          increment=self.increment)
+        if self.epoch_images is not None:
+            # as many batches as a training set of epoch_images would give (per rank), each epoch a fresh draw
+            sampler = CappedBatchSampler(sampler, math.ceil(math.ceil(self.epoch_images / sampler.batch_size) / world))
         return self._loader(x, y, sampler)
 
     def eval_loader(self, images: torch.Tensor, labels: torch.Tensor, shard: bool = True) -> InMemoryLoader:

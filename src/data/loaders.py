@@ -48,6 +48,33 @@ class RandomBatchSampler:
             yield batch
 
 
+class CappedBatchSampler:
+    """The first ``max_batches`` batches of ``inner``'s epoch: an epoch that trains on fewer images than its training
+    set holds (each epoch's draw is ``inner``'s own, keyed by its epoch), e.g. joint at a memory strategy's budget."""
+
+    def __init__(self, inner, max_batches: int):
+        if max_batches < 1:
+            raise ValueError(f"an epoch needs at least one batch, got max_batches={max_batches}")
+        self.inner, self.max_batches = inner, max_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    def __len__(self) -> int:
+        return min(len(self.inner), self.max_batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i >= self.max_batches:
+                return
+            yield batch
+
+
 class InMemoryLoader:
     """Yields (uint8 images, labels, positions) for each index batch its batch sampler draws."""
 
