@@ -27,7 +27,8 @@ def load_runs(dirs: list[str]) -> dict[str, list[dict]]:
         if "class_il" not in r:
             print(f"skipping {d}: not a continual run")
             continue
-        groups[str(r.get("strategy", "?")).rsplit(".", 1)[-1]].append(r)
+        # the strategy's own label (e.g. joint at a memory's budget); older runs have only the class path
+        groups[r.get("strategy_label") or str(r.get("strategy", "?")).rsplit(".", 1)[-1]].append(r)
     return groups
 
 

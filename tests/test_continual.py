@@ -155,7 +155,9 @@ def test_compare_draws_one_figure_and_one_table(tmp_path):
     from src.compare import main
 
     runs = []
-    for i, (name, last) in enumerate([("Naive", 0.2), ("MagnetMemory", 0.6), ("MagnetMemory", 0.5)]):
+    matched = "Joint (budget of a 500-image memory)"
+    for i, (name, last, label) in enumerate([("Naive", 0.2, None), ("MagnetMemory", 0.6, None), ("MagnetMemory", 0.5, None),
+                                             ("Joint", 0.7, "Joint"), ("Joint", 0.4, matched)]):
         d = tmp_path / f"run{i}"
         d.mkdir()
         R = [[0.9, None], [last, 0.8]]
@@ -163,11 +165,14 @@ def test_compare_draws_one_figure_and_one_table(tmp_path):
                    "forgetting": 0.9 - last, "backward_transfer": last - 0.9}
         (d / "results.json").write_text(json.dumps({
             "strategy": f"src.continual.strategies.x.{name}", "class_il": summary, "task_il": summary,
+            **({"strategy_label": label} if label else {}),
             "table": [{"accuracy_seen": 0.9}, {"accuracy_seen": (last + 0.8) / 2}], "time/total_s": 10.0}))
         runs.append(str(d))
     md = main([*runs, "--out", str(tmp_path / "cmp")])
     assert "| Naive | 1 | 50.0 |" in md
     assert "| MagnetMemory | 2 | 67.5 ± 3.5 | – |" in md  # these runs carry no validation matrix
+    # runs of one class with different labels (joint at its full and at a matched budget) are separate rows
+    assert "| Joint | 1 | 75.0 |" in md and f"| {matched} | 1 | 60.0 |" in md
     assert (tmp_path / "cmp.png").stat().st_size > 1000 and (tmp_path / "cmp.md").read_text() == md
 
 
@@ -746,7 +751,8 @@ def test_joint_at_a_matched_budget_takes_as_many_steps_per_epoch_as_replay(tmp_p
     monkeypatch.setattr(Strategy, "observe", record)
     args = ["trainer.max_epochs=2", "model.warmup_epochs=1"]
     run(tmp_path, "replay", *args, "strategy=replay", "strategy.buffer_size=40")
-    run(tmp_path, "matched", *args, "strategy=joint", "strategy.matched_buffer=40")
+    results = run(tmp_path, "matched", *args, "strategy=joint", "strategy.matched_buffer=40")
+    assert results["strategy_label"] == "Joint (budget of a 40-image memory)"  # its own row in src.compare
     matched, replay = ({t: steps[(name, t)] for t in range(5)} for name in ("joint", "replay"))
     assert labels_seen[("joint", 4)] == set(range(10))  # drawn from every seen class
     steps.clear()

@@ -223,7 +223,8 @@ def run_continual(cfg: DictConfig) -> dict:
                                     "cluster_state": module.cluster_state.state_dict(),
                                     "strategy": strategy.state_dict(), "R": R, "seen_acc": seen_acc,
                                     "seen_acc_val": seen_acc_val, "times": times})
-    return write_outputs(cfg, out, datamodule, R, seen_acc, seen_acc_val, times, time.perf_counter() - t0, loggers)
+    return write_outputs(cfg, out, datamodule, R, seen_acc, seen_acc_val, times, time.perf_counter() - t0, loggers,
+                         strategy.label)
 
 
 def make_trainer(cfg: DictConfig, max_epochs: int | None = None) -> pl.Trainer:
@@ -256,7 +257,8 @@ def load_state(state: dict, module, strategy) -> None:
     strategy.load_state_dict(state["strategy"])
 
 
-def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, times, wall, loggers) -> dict:
+def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, times, wall, loggers,
+                  label: str) -> dict:
     from src.utils.plots import accuracy_curve, accuracy_heatmap
 
     T = len(R["cil"])
@@ -265,6 +267,7 @@ def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, t
               "accuracy_seen_val": seen_acc_val[t]} for t in range(T)]
     results = {
         "task": cfg.get("task_name"), "experiment": cfg.get("experiment_name"), "strategy": cfg.strategy.get("_target_"),
+        "strategy_label": label,
         "seed": cfg.seed,
         # *_val: the same measurements on the validation split, what any continual setting is chosen on
         **{key: {"R": R[name], **summary(R[name])} for name, key in MATRIX_KEYS.items()},
@@ -276,7 +279,7 @@ def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, t
     }
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "accuracy_matrix.csv", accuracy_matrix_csv(R))
-    curve = accuracy_curve({str(cfg.strategy.get("_target_", "")).rsplit(".", 1)[-1]: seen_acc}, out / "accuracy_curve.png")
+    curve = accuracy_curve({label: seen_acc}, out / "accuracy_curve.png")
     heat = accuracy_heatmap(R["cil"], out / "accuracy_matrix.png")
     for lg in loggers:
         lg.log_metrics({f"cl/{k}": v for k, v in summary(R["cil"]).items()}, step=T)

@@ -21,6 +21,11 @@ class Strategy:
             raise TypeError(f"{type(self).__name__} got unknown settings {sorted(kwargs)}")
         self.stored_centroids: dict[int, torch.Tensor] = {}  # class -> [k, E], as last trained
 
+    @property
+    def label(self) -> str:
+        """How tables and figures name this strategy's runs (``src.compare`` groups runs by it)."""
+        return type(self).__name__
+
     def begin_task(self, t: int, module, datamodule) -> None:
         datamodule.cumulative = self.cumulative
 

@@ -22,6 +22,10 @@ class Joint(Strategy):
                              f"{matched_buffer!r}")
         self.matched_buffer = matched_buffer
 
+    @property
+    def label(self) -> str:
+        return "Joint" if self.matched_buffer is None else f"Joint (budget of a {self.matched_buffer}-image memory)"
+
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
         datamodule.epoch_images = None if self.matched_buffer is None else self.matched_images(t, datamodule)
