@@ -6,6 +6,7 @@ Batch order is a pure function of (seed, increment, epoch, rank): a resumed run 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -69,10 +70,7 @@ class CappedBatchSampler:
         return min(len(self.inner), self.max_batches)
 
     def __iter__(self):
-        for i, batch in enumerate(self.inner):
-            if i >= self.max_batches:
-                return
-            yield batch
+        return itertools.islice(self.inner, self.max_batches)
 
 
 class InMemoryLoader:

@@ -6,7 +6,10 @@ increment t draws only as many images as a memory strategy with ``strategy.buffe
 own images plus its exemplars, the old classes sharing B equally as Replay's memory does. The images are drawn from
 all the seen data. With the same epochs and batch size too, that is the same budget as the strategies compared
 with it (DEVELOPERS.md: same images per epoch, same epochs, same batch size)."""
+import torch
+
 from src.continual.strategies.base import Strategy
+from src.continual.strategies.replay import exemplars_per_class
 
 
 class Joint(Strategy):
@@ -32,11 +35,8 @@ class Joint(Strategy):
 
     def matched_images(self, t: int, datamodule) -> int:
         """Images a memory strategy with buffer_size=matched_buffer trains on in increment t: the increment's own, plus
-        (matched_buffer // old classes) exemplars of each old class."""
-        datamodule.cumulative = False  # the increment's own images, as a memory strategy's training set holds them
-        try:
-            own = len(datamodule.train_indices)
-        finally:
-            datamodule.cumulative = True
+        Replay's share of the buffer for each old class."""
+        pool_labels = datamodule.train_labels(datamodule.train_pool)
+        own = int(torch.isin(pool_labels, torch.tensor(datamodule.classes_of_increment(t))).sum())
         old = len(datamodule.seen_classes) - len(datamodule.classes_of_increment(t))
-        return own + (self.matched_buffer // old) * old if old else own
+        return own + exemplars_per_class(self.matched_buffer, old) * old

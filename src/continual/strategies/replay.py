@@ -28,6 +28,11 @@ def class_masks(num_classes: int, new_classes: list[int], seen_classes: list[int
     return new, seen
 
 
+def exemplars_per_class(buffer_size: int, num_classes: int) -> int:
+    """Each class's share of a memory of ``buffer_size`` images held by ``num_classes`` classes."""
+    return buffer_size // max(num_classes, 1)
+
+
 def herding(emb: torch.Tensor, m: int) -> torch.Tensor:
     """iCaRL herding: greedily pick points whose running mean stays closest to the class mean.
     Returns positions in selection order, so any prefix is itself a herded memory."""
@@ -154,7 +159,7 @@ class Replay(Strategy):
         return torch.cat([self.memory[c] for c in sorted(self.memory)])
 
     def per_class(self, num_classes: int) -> int:
-        return self.buffer_size // max(num_classes, 1)
+        return exemplars_per_class(self.buffer_size, num_classes)
 
     def end_task(self, t, module, datamodule):
         super().end_task(t, module, datamodule)
