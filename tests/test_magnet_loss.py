@@ -299,6 +299,36 @@ def test_schedule_per_phase_anneals_the_warmup_and_restarts_for_magnet_loss(tmp_
     assert magnet == pytest.approx([0.1 * r for r in one_cycle_rates(len(magnet), lr, pct)], rel=1e-9)
 
 
+def test_softmax_takes_the_same_two_phase_schedule_as_the_control_for_magnet(tmp_path):
+    """The softmax baseline with model.warmup_epochs, schedule_per_phase and lr_scale_after_warmup: the same
+    two one-cycles as magnet's (the second scaled), with cross-entropy and batch-statistics BatchNorm in both
+    phases, so it isolates what the magnet loss adds to the fine-tuning phase."""
+    from src.train import train
+    from tests.conftest import compose
+
+    train(compose(["experiment=softmax_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
+                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1", "test=false",
+                   "data.batch_size=16", "model.schedule_per_phase=true", "model.lr_scale_after_warmup=0.1",
+                   "+callbacks.record_steps._target_=tests.test_magnet_loss.RecordTrainingSteps"], tmp_path))
+    steps = RecordTrainingSteps.steps
+    first = [lr for epoch, lr, *_ in steps if epoch == 0]
+    second = [lr for epoch, lr, *_ in steps if epoch >= 1]
+    assert len(second) == 2 * len(first) >= 10
+    lr, pct = 0.01, 0.2  # conf/model/softmax.yaml, conf/model/scheduler/onecycle.yaml
+    assert first == pytest.approx(one_cycle_rates(len(first), lr, pct), rel=1e-9)
+    assert second == pytest.approx([0.1 * r for r in one_cycle_rates(len(second), lr, pct)], rel=1e-9)
+    assert all(training and before != after for _, _, training, before, after in steps)  # BN as in every CE step
+
+
+def test_a_phase_schedule_without_a_second_phase_is_refused(make_cfg):
+    from src.train import train
+
+    cfg = make_cfg("experiment=softmax_cifar10", "debug=fdr", "data=fake", "data.subset_size=null",
+                   "trainer.max_epochs=2", "model.warmup_epochs=2", "model.schedule_per_phase=true")
+    with pytest.raises(ValueError, match="model.warmup_epochs=2 leaves no second phase"):
+        train(cfg)
+
+
 def test_schedule_per_phase_needs_a_total_steps_scheduler(make_cfg):
     from src.train import train
 

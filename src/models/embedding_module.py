@@ -14,6 +14,7 @@ from torch import nn
 from src.data.cifar10 import CLASSES
 from src.models.components.cluster_index import ClusterState
 from src.models.components.magnet_loss import magnet_predict
+from src.models.components.phased_schedule import phased_schedule
 from src.utils import metrics as M
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, num_classes: int = 10, clusters: dict | None = None,
                  evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int = 0,
-                 compile: bool = False):
+                 lr_scale_after_warmup: float = 1.0, schedule_per_phase: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss"], logger=False)
         self.net = net
@@ -55,6 +56,15 @@ class EmbeddingModule(pl.LightningModule):
         self.warmup_epochs = int(warmup_epochs)
         if self.warmup_epochs < 0:
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not lr_scale_after_warmup > 0:
+            raise ValueError(f"model.lr_scale_after_warmup must be > 0, got {lr_scale_after_warmup}")
+        # The scheduler's learning rate times this factor after the warm-up (1 = off). Magnet's cross-entropy
+        # warm-up stands in for a pretrained start, and the paper fine-tunes such a start at a lower rate; softmax
+        # takes the same two phases (cross-entropy in both) as the control that isolates what the loss adds.
+        self.lr_scale_after_warmup = float(lr_scale_after_warmup)
+        # True: model.scheduler runs its full cycle over the warm-up epochs and again over the epochs after them
+        # (src.models.components.phased_schedule), so the second phase starts from an annealed network.
+        self.schedule_per_phase = bool(schedule_per_phase)
         if not isinstance(compile, bool):
             raise ValueError(f"model.compile must be true or false, got {compile!r}")
         self.compile_net = compile
@@ -98,6 +108,10 @@ class EmbeddingModule(pl.LightningModule):
     def selection_start_epoch(self, max_epochs: int | None = None) -> int:
         """First epoch whose checkpoint may be selected: the method must be in its final form."""
         return max(self.warmup_epochs, self.split_epoch(max_epochs) or 0)
+
+    def in_warmup(self) -> bool:
+        """Is the current epoch one of the first phase's (model.warmup_epochs)?"""
+        return self.current_epoch < self.warmup_epochs
 
     def needs_index_for_training(self, epoch: int) -> bool:
         return self.uses_neighbourhood_sampler and epoch >= self.warmup_epochs
@@ -149,6 +163,12 @@ class EmbeddingModule(pl.LightningModule):
         return self.net(x)
 
     def configure_optimizers(self):
+        if self.lr_scale_after_warmup != 1.0 and self.hparams.scheduler is None:
+            raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
+                             "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
+        if self.schedule_per_phase and (self.hparams.scheduler is None or not self.scheduler_takes_total_steps()):
+            raise ValueError("model.schedule_per_phase restarts a scheduler that takes total_steps (e.g. OneCycleLR) "
+                             "at the end of the warm-up; set model.scheduler=onecycle or model.schedule_per_phase=false")
         opt = self.hparams.optimizer(params=self.parameters())
         if self.hparams.scheduler is None:
             for group in opt.param_groups:  # a constant rate: scaled once
@@ -158,7 +178,7 @@ class EmbeddingModule(pl.LightningModule):
 
     def lr_factor(self) -> float:
         """What the scheduler's learning rate is multiplied by at the current epoch."""
-        return self.lr_scale
+        return self.lr_scale * (1.0 if self.in_warmup() else self.lr_scale_after_warmup)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         super().lr_scheduler_step(scheduler, metric)
@@ -184,7 +204,18 @@ class EmbeddingModule(pl.LightningModule):
         return "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters
 
     def build_scheduler(self, optimizer):
-        """model.scheduler over the whole run, stepped every training step."""
+        """model.scheduler over the whole run, or once per phase (model.schedule_per_phase), stepped every
+        training step."""
+        max_epochs = self._max_epochs(None)
+        if self.schedule_per_phase and self.warmup_epochs > 0 and max_epochs is not None:
+            self.check_training_plan()  # (configure_optimizers runs before on_fit_start)
+            if self.warmup_epochs >= max_epochs:  # softmax selects from epoch 0, so the plan check allows this
+                raise ValueError(f"model.schedule_per_phase=true with model.warmup_epochs={self.warmup_epochs} leaves no "
+                                 f"second phase within trainer.max_epochs={max_epochs}; lower model.warmup_epochs")
+            steps_per_epoch = max(int(self.trainer.estimated_stepping_batches) // max_epochs, 1)
+            phases = [self.warmup_epochs * steps_per_epoch, (max_epochs - self.warmup_epochs) * steps_per_epoch]
+            return phased_schedule(optimizer, self.hparams.scheduler, phases)
+        # one phase (e.g. a continual increment after the first)
         kwargs = {}
         if self.scheduler_takes_total_steps():
             # OneCycle divides by its phase lengths: a very short run (a smoke test) needs a floor

@@ -7,7 +7,6 @@ import torch
 
 from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler
 from src.models.components.magnet_loss import MagnetLoss
-from src.models.components.phased_schedule import phased_schedule
 from src.models.embed import batchnorm_layers
 from src.models.embedding_module import EmbeddingModule
 
@@ -17,8 +16,7 @@ class MagnetModule(EmbeddingModule):
     uses_neighbourhood_sampler = True
 
     def __init__(self, *args, loss: MagnetLoss, variance_momentum: float = 0.9, eval_variance_source: str = "running",
-                 bn_mode: str = "batch", ce_weight: float = 0.0, lr_scale_after_warmup: float = 1.0,
-                 schedule_per_phase: bool = False, **kwargs):
+                 bn_mode: str = "batch", ce_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if bn_mode not in ("batch", "frozen"):
             raise ValueError(f"model.bn_mode must be batch or frozen, got {bn_mode!r}")
@@ -36,14 +34,6 @@ class MagnetModule(EmbeddingModule):
         # Cross-entropy through the classifier head added to the magnet loss after the warm-up (not in the
         # paper; 0 = the paper's loss). The magnet rule still classifies and selects checkpoints.
         self.ce_weight = float(ce_weight)
-        if not lr_scale_after_warmup > 0:
-            raise ValueError(f"model.lr_scale_after_warmup must be > 0, got {lr_scale_after_warmup}")
-        # The scheduler's learning rate times this factor once magnet loss trains (not in the paper; 1 = off).
-        # The cross-entropy phase stands in for a pretrained start, and the paper fine-tunes such a start.
-        self.lr_scale_after_warmup = float(lr_scale_after_warmup)
-        # True: model.scheduler runs its full cycle over the warm-up epochs and again over the magnet epochs
-        # (src.models.components.phased_schedule), so the fine-tune starts from an annealed network.
-        self.schedule_per_phase = bool(schedule_per_phase)
         self.loss = loss
         self.variance_momentum = variance_momentum
         self.eval_variance_source = eval_variance_source
@@ -58,31 +48,6 @@ class MagnetModule(EmbeddingModule):
         if self.eval_variance_source == "running" and math.isfinite(rv) and rv > 0:
             return rv
         return super().eval_variance()
-
-    def in_warmup(self) -> bool:
-        return self.current_epoch < self.warmup_epochs
-
-    def configure_optimizers(self):
-        if self.lr_scale_after_warmup != 1.0 and self.hparams.scheduler is None:
-            raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
-                             "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
-        if self.schedule_per_phase and (self.hparams.scheduler is None or not self.scheduler_takes_total_steps()):
-            raise ValueError("model.schedule_per_phase restarts a scheduler that takes total_steps (e.g. OneCycleLR) "
-                             "at the end of the warm-up; set model.scheduler=onecycle or model.schedule_per_phase=false")
-        return super().configure_optimizers()
-
-    def build_scheduler(self, optimizer):
-        max_epochs = self._max_epochs(None)
-        if not self.schedule_per_phase or self.warmup_epochs == 0 or max_epochs is None:
-            return super().build_scheduler(optimizer)  # one phase (e.g. a continual increment after the first)
-        self.check_training_plan()  # (configure_optimizers runs before on_fit_start) at least one magnet epoch
-        steps_per_epoch = max(int(self.trainer.estimated_stepping_batches) // max_epochs, 1)
-        warmup_steps = self.warmup_epochs * steps_per_epoch
-        magnet_steps = (max_epochs - self.warmup_epochs) * steps_per_epoch
-        return phased_schedule(optimizer, self.hparams.scheduler, [warmup_steps, magnet_steps])
-
-    def lr_factor(self) -> float:
-        return super().lr_factor() * (1.0 if self.in_warmup() else self.lr_scale_after_warmup)
 
     def train_batch_sampler(self, num_examples, seed, increment, rank, world_size):
         return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,

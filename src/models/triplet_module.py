@@ -18,7 +18,7 @@ class TripletModule(EmbeddingModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         emb = self.training_forward(x)
-        if self.current_epoch < self.warmup_epochs:
+        if self.in_warmup():
             # optional, as magnet has (off by default: at our budget it did not stop semi-hard mining
             # from undoing the warm-up's embedding)
             return self.observe(batch, emb, self.classifier_loss(emb, y))
