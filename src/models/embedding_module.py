@@ -144,6 +144,10 @@ class EmbeddingModule(pl.LightningModule):
             raise ValueError(f"model.warmup_epochs={self.warmup_epochs} and model.clusters.split_fraction="
                              f"{self.split_fraction} leave no epoch trained with the method's own loss and final "
                              f"K={self.K} within trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs")
+        # softmax selects from epoch 0, so the check above lets its warm-up fill the run; a phased schedule cannot
+        if self.schedule_per_phase and 0 < self.warmup_epochs and self.warmup_epochs >= max_epochs:
+            raise ValueError(f"model.schedule_per_phase=true with model.warmup_epochs={self.warmup_epochs} leaves no "
+                             f"second phase within trainer.max_epochs={max_epochs}; lower model.warmup_epochs")
 
     # ---- model ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -208,10 +212,7 @@ class EmbeddingModule(pl.LightningModule):
         training step."""
         max_epochs = self._max_epochs(None)
         if self.schedule_per_phase and self.warmup_epochs > 0 and max_epochs is not None:
-            self.check_training_plan()  # (configure_optimizers runs before on_fit_start)
-            if self.warmup_epochs >= max_epochs:  # softmax selects from epoch 0, so the plan check allows this
-                raise ValueError(f"model.schedule_per_phase=true with model.warmup_epochs={self.warmup_epochs} leaves no "
-                                 f"second phase within trainer.max_epochs={max_epochs}; lower model.warmup_epochs")
+            self.check_training_plan()  # (configure_optimizers runs before on_fit_start) a second phase exists
             steps_per_epoch = max(int(self.trainer.estimated_stepping_batches) // max_epochs, 1)
             phases = [self.warmup_epochs * steps_per_epoch, (max_epochs - self.warmup_epochs) * steps_per_epoch]
             return phased_schedule(optimizer, self.hparams.scheduler, phases)
