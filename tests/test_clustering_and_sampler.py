@@ -224,6 +224,46 @@ def test_random_batches_before_the_first_index():
     assert len(batches) == 5 and all(len(b) == 10 and len(set(b.tolist())) == 10 for b in batches)
 
 
+def test_permutation_warmup_batches_are_softmax_batches_topped_up():
+    """``permutation``: the reference is softmax's own sampler on the same stream; every image once an epoch, the
+    short last batch filled from the next permutation, and a fresh permutation each epoch."""
+    from src.data.loaders import RandomBatchSampler
+
+    n, m, d = 53, 2, 5
+    sampler = NeighbourhoodBatchSampler(ClusterState(n), n, m, d, seed=7, increment=1, warmup_batches="permutation")
+    reference = RandomBatchSampler(n, m * d, seed=7, increment=1)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        batches, expected = list(sampler), list(reference)
+        assert len(batches) == len(expected) == 6 and all(len(b) == m * d for b in batches)
+        for ours, theirs in zip(batches[:-1], expected[:-1]):
+            assert torch.equal(ours, theirs)
+        assert torch.equal(batches[-1][:3], expected[-1])  # 53 = 5 x 10 + 3
+        seen = torch.cat(batches[:-1] + [batches[-1][:3]])
+        assert sorted(seen.tolist()) == list(range(n))
+        assert len(set(batches[-1].tolist())) == m * d  # the top-up comes from a new permutation: no repeats
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert not torch.equal(torch.cat(first), torch.cat(list(sampler)))
+
+
+def test_permutation_warmup_ranks_share_one_epoch_disjointly():
+    n = 40
+    a, b = (torch.cat(list(NeighbourhoodBatchSampler(ClusterState(n), n, 2, 5, seed=3, rank=r, world_size=2,
+                                                      warmup_batches="permutation"))) for r in (0, 1))
+    assert len(a) == len(b) == 20
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(n))
+
+
+def test_iid_warmup_batches_leave_images_out():
+    """The default ``iid`` warm-up draws each batch afresh: over an epoch some images repeat and some are missed."""
+    n = 200
+    seen = torch.cat(list(NeighbourhoodBatchSampler(ClusterState(n), n, 2, 10, seed=0)))
+    assert len(seen) == n and len(set(seen.tolist())) < n
+
+
 def test_ranks_draw_different_batches():
     emb, labels = blobs()
     state = ClusterState(len(labels))
@@ -237,7 +277,8 @@ def test_ranks_draw_different_batches():
 @pytest.mark.parametrize("kw, match", [({"m": 1}, "M must be >= 2"), ({"d": 0}, "D must be >= 1"),
                                        ({"random_clusters": 3}, "random_clusters"),
                                        ({"seed_weight": "size"}, "model.clusters.seed_weight must be one of"),
-                                       ({"quota_power": 2.0}, "model.clusters.quota_power must be in")])
+                                       ({"quota_power": 2.0}, "model.clusters.quota_power must be in"),
+                                       ({"warmup_batches": "shuffle"}, "model.clusters.warmup_batches must be one of")])
 def test_invalid_sampler_settings(kw, match):
     args = {"m": 3, "d": 2, **kw}
     with pytest.raises(ValueError, match=match):

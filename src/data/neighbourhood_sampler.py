@@ -9,6 +9,7 @@ from src.models.components.cluster_index import ClusterState
 from src.utils.seeding import stream_generator
 
 SEED_WEIGHTS = ("mean_loss", "total_loss")
+WARMUP_BATCHES = ("iid", "permutation")
 
 
 def seed_probabilities(cluster_losses: torch.Tensor, floor: float = 1e-3,
@@ -66,6 +67,12 @@ class NeighbourhoodBatchSampler:
     """Yields index batches of exactly M*D images: M clusters x D images around a seed cluster, in
     cluster order; random batches of M*D until an index exists.
 
+    ``warmup_batches``: how those batches before the first index are drawn. ``iid`` draws each batch afresh, so
+    an epoch sees about 63 % of the images (each image's count is roughly Poisson(1)); ``permutation`` slices one
+    permutation per epoch, as softmax's ``RandomBatchSampler`` does with the same stream (its batches are these,
+    but for the last, which is topped up from a second permutation to keep M*D images), so every image is seen
+    once an epoch. DDP ranks take disjoint strides of that permutation.
+
     When fewer than M clusters can be chosen (a two-class increment has only 2K clusters, and the seed's
     own class offers no impostor), the chosen clusters supply the M*D images between them, so the batch
     size and so the images an epoch trains on do not depend on how many classes the data holds.
@@ -84,7 +91,10 @@ class NeighbourhoodBatchSampler:
     def __init__(self, state: ClusterState, num_examples: int, m: int, d: int, seed: int = 0,
                  random_clusters: int = 0, rank: int = 0, world_size: int = 1, loss_floor: float = 1e-3,
                  increment: int | None = None, seed_weight: str = "mean_loss", loss_sync_every: int = 10,
-                 quota_power: float = 0.0):
+                 quota_power: float = 0.0, warmup_batches: str = "iid"):
+        if warmup_batches not in WARMUP_BATCHES:
+            raise ValueError(f"model.clusters.warmup_batches must be one of {'|'.join(WARMUP_BATCHES)}, "
+                             f"got {warmup_batches!r}")
         if seed_weight not in SEED_WEIGHTS:
             raise ValueError(f"model.clusters.seed_weight must be one of {'|'.join(SEED_WEIGHTS)}, got {seed_weight!r}")
         if not 0 <= quota_power <= 1:
@@ -99,6 +109,7 @@ class NeighbourhoodBatchSampler:
         self.random_clusters = random_clusters
         self.rank, self.world_size, self.loss_floor = rank, world_size, loss_floor
         self.increment, self.seed_weight, self.quota_power = increment, seed_weight, float(quota_power)
+        self.warmup_batches = warmup_batches
         # on an accelerator the seed choice reads the losses as of at most this many batches ago (one host
         # sync per that many steps); on the CPU they are always current
         self.loss_sync_every = max(int(loss_sync_every), 1)
@@ -116,13 +127,27 @@ class NeighbourhoodBatchSampler:
 
     def __iter__(self):
         g = stream_generator(self.seed, "batches", self.increment, self.epoch, self.rank)
+        epoch_order = None
         for i in range(len(self)):
             if i % self.loss_sync_every == 0:
                 self.state.sync_losses()
-            if self.state.index is None:
+            if self.state.index is None and self.warmup_batches == "iid":
                 yield torch.randperm(self.n, generator=g)[: self.batch_size]
+            elif self.state.index is None:
+                if epoch_order is None:
+                    epoch_order = self.permutation_order()
+                yield epoch_order[i * self.batch_size : (i + 1) * self.batch_size]
             else:
                 yield self.sample_batch(g)
+
+    def permutation_order(self) -> torch.Tensor:
+        """This rank's images for an epoch of ``permutation`` warm-up batches: permutations of the training set
+        (the first is softmax's for the same seed and epoch: the key has no rank, so all ranks share it),
+        concatenated until every rank's batches are full, then this rank's stride."""
+        g = stream_generator(self.seed, "batches", self.increment, self.epoch)
+        need = len(self) * self.batch_size * self.world_size
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(math.ceil(need / self.n))])
+        return order[:need][self.rank :: self.world_size]
 
     def choose_clusters(self, g: torch.Generator) -> torch.Tensor:
         index = self.state.index

@@ -47,6 +47,7 @@ class EmbeddingModule(pl.LightningModule):
         self.random_clusters = int(clusters.get("random_clusters", 0))
         self.seed_weight = str(clusters.get("seed_weight", "mean_loss"))
         self.quota_power = float(clusters.get("quota_power", 0.0))
+        self.warmup_batches = str(clusters.get("warmup_batches", "iid"))
         if self.K < 1 or self.L < 1 or self.K_initial < 1:
             raise ValueError(f"model.clusters.K and L must be >= 1, got K={self.K}, L={self.L}")
         if self.split_fraction is not None and not 0 <= float(self.split_fraction) < 1:

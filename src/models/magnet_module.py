@@ -53,7 +53,7 @@ class MagnetModule(EmbeddingModule):
         return NeighbourhoodBatchSampler(self.cluster_state, num_examples, self.M, self.D, seed=seed,
                                          random_clusters=self.random_clusters, rank=rank, world_size=world_size,
                                          increment=increment, seed_weight=self.seed_weight,
-                                         quota_power=self.quota_power)
+                                         quota_power=self.quota_power, warmup_batches=self.warmup_batches)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.bn_mode == "frozen" and not self.in_warmup():
