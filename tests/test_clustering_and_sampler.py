@@ -294,3 +294,14 @@ def test_continual_experiment_shares_batches_by_square_root_size(make_cfg):
     assert sampler.quota_power == 0.5 and sampler.batch_size == 48
     default = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10", "data=fake").model)
     assert default.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1).quota_power == 0.0
+
+
+def test_warmup_batches_reach_the_sampler_from_the_config(make_cfg):
+    import hydra
+
+    def sampler_of(*overrides):
+        model = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10", "data=fake", *overrides).model)
+        return model.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1)
+
+    assert sampler_of().warmup_batches == "iid"
+    assert sampler_of("model.clusters.warmup_batches=permutation").warmup_batches == "permutation"
