@@ -15,6 +15,14 @@ import torch
 from src.utils.seeding import stream_generator
 
 
+def epoch_order(n: int, seed: int, increment: int | None, epoch: int, length: int | None = None) -> torch.Tensor:
+    """The epoch's shuffled order of ``n`` images, shared by every rank: one permutation, or, when ``length`` asks
+    for more, further permutations of the same stream appended, cut to ``length``."""
+    g = stream_generator(seed, "batches", increment, epoch)
+    length = n if length is None else length
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(max(math.ceil(length / n), 1))])[:length]
+
+
 class RandomBatchSampler:
     """Shuffled batches; each DDP rank takes a disjoint stride of the same permutation."""
 
@@ -33,7 +41,7 @@ class RandomBatchSampler:
         if not self.shuffle:
             order = torch.arange(self.n)
         else:  # one permutation shared by all ranks (no rank in the key), each rank takes its stride
-            order = torch.randperm(self.n, generator=stream_generator(self.seed, "batches", self.increment, self.epoch))
+            order = epoch_order(self.n, self.seed, self.increment, self.epoch)
         return order[self.rank :: self.world_size]
 
     def __len__(self) -> int:

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from src.data.loaders import epoch_order
 from src.models.components.cluster_index import ClusterState
 from src.utils.seeding import stream_generator
 
@@ -127,27 +128,21 @@ class NeighbourhoodBatchSampler:
 
     def __iter__(self):
         g = stream_generator(self.seed, "batches", self.increment, self.epoch, self.rank)
-        epoch_order = None
+        warmup_order = None
         for i in range(len(self)):
             if i % self.loss_sync_every == 0:
                 self.state.sync_losses()
-            if self.state.index is None and self.warmup_batches == "iid":
-                yield torch.randperm(self.n, generator=g)[: self.batch_size]
-            elif self.state.index is None:
-                if epoch_order is None:
-                    epoch_order = self.permutation_order()
-                yield epoch_order[i * self.batch_size : (i + 1) * self.batch_size]
-            else:
+            if self.state.index is not None:
                 yield self.sample_batch(g)
-
-    def permutation_order(self) -> torch.Tensor:
-        """This rank's images for an epoch of ``permutation`` warm-up batches: permutations of the training set
-        (the first is softmax's for the same seed and epoch: the key has no rank, so all ranks share it),
-        concatenated until every rank's batches are full, then this rank's stride."""
-        g = stream_generator(self.seed, "batches", self.increment, self.epoch)
-        need = len(self) * self.batch_size * self.world_size
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(math.ceil(need / self.n))])
-        return order[:need][self.rank :: self.world_size]
+            elif self.warmup_batches == "iid":
+                yield torch.randperm(self.n, generator=g)[: self.batch_size]
+            else:
+                if warmup_order is None:
+                    # softmax's epoch order (its first permutation), extended until every rank's batches are full
+                    need = len(self) * self.batch_size * self.world_size
+                    warmup_order = epoch_order(self.n, self.seed, self.increment, self.epoch, need)[
+                        self.rank :: self.world_size]
+                yield warmup_order[i * self.batch_size : (i + 1) * self.batch_size]
 
     def choose_clusters(self, g: torch.Generator) -> torch.Tensor:
         index = self.state.index
