@@ -25,7 +25,7 @@ $py -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__,
 [ -f data/cifar-10-batches-py/test_batch ] || $py "$build" data || exit 1
 
 common=(trainer.accelerator=gpu callbacks.rich_progress_bar=null +trainer.enable_progress_bar=false data.data_dir=data)
-magnet=(experiment=magnet_cifar10 data.subset_size=null model.clusters.D=24 data.batch_size=256 ${MAGNET_EXTRA:-})
+magnet=(experiment=magnet_cifar10 data.subset_size=null model.clusters.M=10 model.clusters.D=24 data.batch_size=256 ${MAGNET_EXTRA:-})
 continual=(experiment=continual_5x2 data.subset_size=null trainer.max_epochs=30
            model.clusters.D=32 data.batch_size=256 ${CONTINUAL_EXTRA:-})
 
