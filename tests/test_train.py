@@ -85,7 +85,8 @@ def test_default_command_with_fdr(make_cfg):
 
 
 SHORT = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
-         "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false"]
+         "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false",
+         "model.bn_mode=batch"]  # a 3-epoch cycle peaks in the magnet epochs: frozen BN with the CE term overflows on fake data
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +209,8 @@ def test_k_schedule_and_checkpoint_selection_window(make_cfg):
 @pytest.mark.parametrize("overrides, match", [
     (["trainer.max_epochs=5", "model.warmup_epochs=5", "model.clusters.split_fraction=0.7"],
      r"model.warmup_epochs=5 and model.clusters.split_fraction=0.7 leave no epoch .* final K=2 within trainer.max_epochs=5"),
-    (["trainer.max_epochs=40"],
-     r"model.warmup_epochs=40 and model.clusters.split_fraction=None leave no epoch .* within trainer.max_epochs=40"),
+    (["trainer.max_epochs=45"],
+     r"model.warmup_epochs=45 and model.clusters.split_fraction=None leave no epoch .* within trainer.max_epochs=45"),
     (["experiment=triplet_cifar10", "trainer.max_epochs=2", "model.warmup_epochs=2"],
      r"model.warmup_epochs=2 and model.clusters.split_fraction=None leave no epoch"),
     (["model.clusters.split_fraction=1.0"], r"model.clusters.split_fraction must be null or in \[0, 1\)"),
