@@ -8,7 +8,7 @@ import torch
 
 from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler, draw_members, split_quota
 from src.models.components.cluster_index import ClusterState, build_cluster_index
-from tests.conftest import compose
+from tests.conftest import SHORT_RUN_BN, compose
 
 FAKE = ["data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false"]
 CONTINUAL = ["experiment=continual_5x2", "data=fake", "data.subset_size=null", "data.val_size=50",
@@ -133,7 +133,7 @@ def test_one_embedding_pass_per_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(recluster, "embed_images", lambda *a, **k: passes.append(1) or original(*a, **k))
     args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.clusters.K=2",
             "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "test=false",
-            "model.bn_mode=batch"]  # frozen BN at a 4-epoch cycle's peak rate overflows on fake data with the CE term
+            SHORT_RUN_BN]
     train(compose(args, tmp_path / "run"))
     assert len(passes) == 4  # the end of the warm-up epoch and of each of the 3 magnet epochs
 
@@ -189,7 +189,7 @@ def test_reclustering_pass_is_augmented_with_the_index_seed(tmp_path, monkeypatc
                         lambda *a, **k: seeds.append(k.get("augment_seed")) or original(*a, **k))
     args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
             "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4",
-            "model.bn_mode=batch",  # frozen BN at a 3-epoch cycle's peak rate overflows on fake data with the CE term
+            SHORT_RUN_BN,
             f"callbacks.recluster.bn_pass_augment={str(augment).lower()}"]
     results = train(compose(args, tmp_path / "run"))
     assert len(seeds) == 4  # the ends of epochs 0, 1, 2 and the test-time rebuild

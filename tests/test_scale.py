@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from src.utils.instantiate import PROJECT_ROOT
-from tests.conftest import compose
+from tests.conftest import SHORT_RUN_BN, compose
 
 FAKE = ["data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false"]
 
@@ -78,7 +78,7 @@ def test_resume_after_interruption_reaches_the_same_metrics(tmp_path, monkeypatc
 
     args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_fraction=null",
             "model.clusters.M=4", "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50",
-            "model.bn_mode=batch"]  # frozen BN at a 3-epoch cycle's peak rate overflows on fake data with the CE term
+            SHORT_RUN_BN]
     full = train(compose(args, tmp_path / "full"))
 
     original = EpochTimer.on_train_epoch_start

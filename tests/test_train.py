@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.utils.instantiate import PROJECT_ROOT
-from tests.conftest import REAL_DATA_DIR, needs_real_data
+from tests.conftest import REAL_DATA_DIR, SHORT_RUN_BN, needs_real_data
 
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml"))
 FAST = ["data=fake", "data.subset_size=null", "logger=csv", "callbacks.rich_progress_bar=null", "model.evaluation.tsne_per_class=5"]
@@ -86,7 +86,7 @@ def test_default_command_with_fdr(make_cfg):
 
 SHORT = ["experiment=magnet_cifar10", *FAST, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
          "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "model.evaluation.tsne=false",
-         "model.bn_mode=batch"]  # a 3-epoch cycle peaks in the magnet epochs: frozen BN with the CE term overflows on fake data
+         SHORT_RUN_BN]
 
 
 @pytest.fixture(scope="module")
