@@ -168,7 +168,8 @@ def run_continual(cfg: DictConfig) -> dict:
     T = datamodule.num_increments
     R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
-    warmup, later_warmup, later_scale = module.warmup_epochs, later_warmup_epochs(cfg), later_lr_scale(cfg)
+    warmup, later_warmup = module.warmup_epochs_for(cfg.trainer.max_epochs), later_warmup_epochs(cfg)
+    later_scale = later_lr_scale(cfg)
     balanced_epochs, balanced_scale = balanced_phase(cfg)
     if balanced_epochs:
         strategy.check_balanced_set()  # before any training: a strategy without a memory has no balanced set

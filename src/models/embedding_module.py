@@ -26,8 +26,9 @@ class EmbeddingModule(pl.LightningModule):
     predicts_with_logits = False  # continual evaluation: classifier logits (True) or the magnet rule on centroids
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, num_classes: int = 10, clusters: dict | None = None,
-                 evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int = 0,
-                 lr_scale_after_warmup: float = 1.0, schedule_per_phase: bool = False, compile: bool = False):
+                 evaluation: dict | None = None, attributes: dict | None = None, warmup_epochs: int | None = 0,
+                 warmup_fraction: float | None = None, lr_scale_after_warmup: float = 1.0,
+                 lr_cap_after_warmup: float | None = None, schedule_per_phase: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss"], logger=False)
         self.net = net
@@ -54,9 +55,23 @@ class EmbeddingModule(pl.LightningModule):
             raise ValueError(f"model.clusters.split_fraction must be null or in [0, 1), got {self.split_fraction}")
         self.evaluation = {"attribute_k": [10, 50, 100], "tsne_per_class": 100, "tsne": True, **(evaluation or {})}
         self.attributes = dict(attributes or {})
-        self.warmup_epochs = int(warmup_epochs)
-        if self.warmup_epochs < 0:
+        # The warm-up's length: absolute (model.warmup_epochs) or a fraction of trainer.max_epochs
+        # (model.warmup_fraction), so that a shortened run keeps the same share of method epochs.
+        if warmup_epochs is not None and warmup_fraction is not None:
+            raise ValueError(f"model.warmup_epochs={warmup_epochs} and model.warmup_fraction={warmup_fraction} are both "
+                             "set; set one of them to null")
+        if warmup_fraction is not None and not 0 <= float(warmup_fraction) < 1:
+            raise ValueError(f"model.warmup_fraction must be null or in [0, 1), got {warmup_fraction}")
+        self.warmup_fraction = None if warmup_fraction is None else float(warmup_fraction)
+        self._warmup_epochs = int(warmup_epochs or 0)
+        if self._warmup_epochs < 0:
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if lr_cap_after_warmup is not None and not lr_cap_after_warmup > 0:
+            raise ValueError(f"model.lr_cap_after_warmup must be null or > 0, got {lr_cap_after_warmup}")
+        # An upper bound on the learning rate once the method's own loss trains (null = none). A full-length run's
+        # method epochs sit in an annealed tail far below it; a shortened run's would otherwise train at up to the
+        # cycle's peak rate, where frozen BatchNorm with the head's cross-entropy overflows.
+        self.lr_cap_after_warmup = None if lr_cap_after_warmup is None else float(lr_cap_after_warmup)
         if not lr_scale_after_warmup > 0:
             raise ValueError(f"model.lr_scale_after_warmup must be > 0, got {lr_scale_after_warmup}")
         # The scheduler's learning rate times this factor after the warm-up (1 = off). Magnet's cross-entropy
@@ -110,6 +125,25 @@ class EmbeddingModule(pl.LightningModule):
         """First epoch whose checkpoint may be selected: the method must be in its final form."""
         return max(self.warmup_epochs, self.split_epoch(max_epochs) or 0)
 
+    def warmup_epochs_for(self, max_epochs: int | None) -> int:
+        """The warm-up's length in a run of ``max_epochs`` epochs."""
+        if self.warmup_fraction is None:
+            return self._warmup_epochs
+        if max_epochs is None or max_epochs < 0:
+            raise ValueError("model.warmup_fraction needs a finite trainer.max_epochs; set one or use "
+                             "model.warmup_epochs (absolute) with model.warmup_fraction=null")
+        return math.floor(round(self.warmup_fraction * max_epochs, 6))
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Cross-entropy epochs before the method's own loss, in the attached trainer's run."""
+        return self.warmup_epochs_for(self._max_epochs(None) if self.warmup_fraction is not None else None)
+
+    @warmup_epochs.setter
+    def warmup_epochs(self, epochs: int) -> None:
+        # an absolute length replaces a fraction (the continual runner sets each increment's)
+        self._warmup_epochs, self.warmup_fraction = int(epochs), None
+
     def in_warmup(self) -> bool:
         """Is the current epoch one of the first phase's (model.warmup_epochs)?"""
         return self.current_epoch < self.warmup_epochs
@@ -142,8 +176,8 @@ class EmbeddingModule(pl.LightningModule):
             return
         # (a split_fraction < 1 always leaves its last epoch to the final K; the warm-up may not)
         if self.selection_start_epoch() >= max_epochs:
-            raise ValueError(f"model.warmup_epochs={self.warmup_epochs} and model.clusters.split_fraction="
-                             f"{self.split_fraction} leave no epoch trained with the method's own loss and final "
+            raise ValueError(f"model.warmup_epochs={self.warmup_epochs} (model.warmup_fraction={self.warmup_fraction})"
+                             f" and model.clusters.split_fraction={self.split_fraction} leave no epoch trained with the method's own loss and final "
                              f"K={self.K} within trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs")
         # softmax selects from epoch 0, so the check above lets its warm-up fill the run; a phased schedule cannot
         if self.schedule_per_phase and 0 < self.warmup_epochs and self.warmup_epochs >= max_epochs:
@@ -171,6 +205,9 @@ class EmbeddingModule(pl.LightningModule):
         if self.lr_scale_after_warmup != 1.0 and self.hparams.scheduler is None:
             raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
                              "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
+        if self.lr_cap_after_warmup is not None and self.hparams.scheduler is None:
+            raise ValueError("model.lr_cap_after_warmup bounds the scheduler's learning rate and needs a "
+                             "model.scheduler; set one or model.lr_cap_after_warmup=null")
         if self.schedule_per_phase and (self.hparams.scheduler is None or not self.scheduler_takes_total_steps()):
             raise ValueError("model.schedule_per_phase restarts a scheduler that takes total_steps (e.g. OneCycleLR) "
                              "at the end of the warm-up; set model.scheduler=onecycle or model.schedule_per_phase=false")
@@ -200,10 +237,11 @@ class EmbeddingModule(pl.LightningModule):
         # Schedulers such as OneCycleLR compute each rate from their own state, not from the group's current
         # rate, so overwriting the group's rate after each step scales the schedule without compounding.
         factor = self.lr_factor()
-        if factor == 1.0:
+        cap = None if self.in_warmup() else self.lr_cap_after_warmup
+        if factor == 1.0 and cap is None:
             return
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr * factor
+            group["lr"] = lr * factor if cap is None else min(lr * factor, cap)
 
     def scheduler_takes_total_steps(self) -> bool:
         return "total_steps" in inspect.signature(self.hparams.scheduler.func).parameters
@@ -383,6 +421,7 @@ class EmbeddingModule(pl.LightningModule):
             results["eval_variance"] = self.eval_variance()
         if self.train_reference is not None:
             results.update(M.retrieval_metrics(emb, y, *self.train_reference))
+            results["ncm_acc"] = M.nearest_class_mean_accuracy(emb, y, *self.train_reference)
         if self.attributes:
             table = M.attribute_matrix(self.attributes, self.num_classes)
             for k in self.evaluation["attribute_k"]:
@@ -391,15 +430,48 @@ class EmbeddingModule(pl.LightningModule):
         return results
 
     def save_tsne(self, emb, y) -> Path | None:
-        from src.utils.plots import tsne_plot
+        """t-SNE of a stratified sample of the test embeddings: colour is the class, and the marker the point's
+        cluster within its class (its nearest centroid of that class in the index), so K >= 2 modes show. Beside it,
+        the attribute-concentration curves of the same embeddings (the seed paper's figure)."""
+        from src.utils.plots import attribute_concentration_plot, tsne_plot
 
         pick = M.stratified_sample(y, int(self.evaluation["tsne_per_class"]), seed=0)
+        clusters = self.own_class_cluster(emb[pick], y[pick])
         path = tsne_plot(emb[pick].numpy(), y[pick].numpy(), CLASSES, self.output_dir / "tsne.png",
-                         title=f"t-SNE of test embeddings ({type(self).__name__})")
+                         clusters=None if clusters is None else clusters.numpy(),
+                         title=f"t-SNE of test embeddings ({type(self).__name__}"
+                               + (", marker: the cluster within its class)" if clusters is not None else ")"))
+        images = [str(path)]
+        if self.attributes:
+            curves = {name: [self.test_results.get(f"{key}@{k}", float("nan")) for k in self.evaluation["attribute_k"]]
+                      for name, key in (("k nearest neighbours", "attr_conc"),
+                                        ("k nearest of other classes", "attr_conc_xclass"))}
+            images.append(str(attribute_concentration_plot(
+                list(self.evaluation["attribute_k"]), curves, self.output_dir / "attribute_concentration.png",
+                title=f"Attribute concentration of test embeddings ({type(self).__name__})")))
         for lg in self.loggers:
             if hasattr(lg, "log_image"):
-                lg.log_image(key="test/tsne", images=[str(path)])
+                lg.log_image(key="test/tsne", images=images)
         return path
+
+    def own_class_cluster(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Each point's rank among its own class's clusters in the index (0..K-1) by nearest centroid, or None when
+        there is no index or a class has a single cluster."""
+        index = self.cluster_state.index
+        if index is None:
+            return None
+        centroids, labels = index.centroids.float().cpu(), index.centroid_labels.cpu()
+        if int(torch.bincount(labels).max()) < 2:
+            return None
+        d = torch.cdist(emb.float(), centroids)
+        d[y[:, None] != labels[None, :]] = float("inf")  # only the point's own class's clusters
+        nearest = d.argmin(1)
+        # a cluster's position among its class's clusters, so markers mean "first / second / ... mode"
+        rank = torch.zeros(len(labels), dtype=torch.long)
+        for c in torch.unique(labels).tolist():
+            members = (labels == c).nonzero().flatten()
+            rank[members] = torch.arange(len(members))
+        return rank[nearest]
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -64,6 +64,17 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor, reference
             "map_at_r": float(own["mean_average_precision_at_r"])}
 
 
+def nearest_class_mean_accuracy(query: torch.Tensor, query_labels: torch.Tensor, reference: torch.Tensor,
+                                reference_labels: torch.Tensor) -> float:
+    """Accuracy of the nearest-class-mean read-out: each query takes the class whose mean reference embedding is
+    nearest (squared L2). Classes without reference images are never predicted."""
+    r, rl = reference.float().cpu(), reference_labels.cpu()
+    classes = torch.unique(rl)
+    means = torch.stack([r[rl == c].mean(0) for c in classes])
+    nearest = torch.cdist(query.float().cpu(), means).argmin(1)
+    return float((classes[nearest] == query_labels.cpu()).float().mean()) if len(query_labels) else float("nan")
+
+
 def accuracy(probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs_or_logits.argmax(1).cpu() == labels.cpu()).float().mean()) if len(labels) else float("nan")
 

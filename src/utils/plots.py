@@ -21,21 +21,52 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+MARKERS = "o^sDvP*Xph"  # one per cluster within a class; more clusters than markers reuse them
+
+
 def tsne_plot(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str], path: str | Path,
-              seed: int = 0, title: str = "t-SNE of test embeddings") -> Path:
+              seed: int = 0, title: str = "t-SNE of test embeddings", clusters: np.ndarray | None = None) -> Path:
+    """Colour: class. With ``clusters`` (each point's cluster within its class, 0..K-1) the marker shows the
+    cluster, and the legend lists the markers."""
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30, max(2, (len(labels) - 1) / 3)))
     xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(embeddings)
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab10")
+    ranks = np.zeros(len(labels), dtype=int) if clusters is None else np.asarray(clusters, dtype=int)
     for c in np.unique(labels):
-        sel = labels == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=cmap(int(c) % 10), label=class_names[int(c)])
-    ax.legend(markerscale=3, fontsize=8, loc="best")
-    ax.set_title(title)
+        for r in np.unique(ranks[labels == c]):
+            sel = (labels == c) & (ranks == r)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=8, color=cmap(int(c) % 10), marker=MARKERS[int(r) % len(MARKERS)],
+                       label=class_names[int(c)] if r == ranks[labels == c].min() else None)
+    handles, names = ax.get_legend_handles_labels()
+    if clusters is not None:
+        from matplotlib.lines import Line2D
+
+        handles += [Line2D([], [], color="grey", marker=MARKERS[r % len(MARKERS)], linestyle="")
+                    for r in range(int(ranks.max()) + 1)]
+        names += [f"cluster {r + 1} of its class" for r in range(int(ranks.max()) + 1)]
+    ax.legend(handles, names, markerscale=2, fontsize=7, loc="best")
+    ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
+    return save_figure(fig, path)
+
+
+def attribute_concentration_plot(ks: list[int], curves: dict[str, list[float]], path: str | Path,
+                                 title: str = "Attribute concentration") -> Path:
+    """The seed paper's attribute-concentration figure: for each neighbourhood size k, the mean fraction of an
+    image's k nearest neighbours that share each of its class's attributes."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        ax.plot(ks, values, marker="o", label=name)
+    ax.set_xlabel("neighbourhood size k")
+    ax.set_ylabel("attribute concentration")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
 
 
