@@ -10,10 +10,6 @@ from src.utils.compose import compose  # noqa: F401  (re-exported for the tests)
 
 REAL_DATA_DIR = Path(default_data_dir())  # where `make data` builds it, or $DATA_DIR
 HAVE_REAL_DATA = (REAL_DATA_DIR / "cifar-10-batches-py" / "test_batch").is_file()
-# For tiny fake-data runs of experiment=magnet_cifar10: its one-cycle spans the whole run, so a 2-4 epoch run trains
-# the magnet epochs near the cycle's peak rate (a real run reaches them in the tail), where frozen BatchNorm with the
-# cross-entropy term overflows on fake data. Batch statistics keep such runs finite; the steps' operators are the same.
-SHORT_RUN_BN = "model.bn_mode=batch"
 needs_real_data = pytest.mark.skipif(
     not HAVE_REAL_DATA,
     reason=f"built CIFAR-10 not found at {REAL_DATA_DIR}/cifar-10-batches-py (run `make data`)",

@@ -145,7 +145,7 @@ def interrupt_then_resume(tmp_path, monkeypatch, strategy_cls, crash_at: int, ar
 def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
     from src.continual.strategies.naive import Naive
 
-    args = ["strategy=naive", "trainer.max_epochs=1", "model.warmup_epochs=0", "trainer.limit_train_batches=2"]
+    args = ["strategy=naive", "trainer.max_epochs=1", "model.warmup_epochs=0", "model.warmup_fraction=null", "trainer.limit_train_batches=2"]
     full, resumed = interrupt_then_resume(tmp_path, monkeypatch, Naive, 3, args)
     np.testing.assert_allclose(np.array(resumed["class_il"]["R"], dtype=float),
                                np.array(full["class_il"]["R"], dtype=float), rtol=0, atol=1e-6)
@@ -365,11 +365,11 @@ def test_later_increments_warm_up_with_cross_entropy_when_asked(tmp_path, monkey
         return original(self, t, module, dm)
 
     monkeypatch.setattr(Naive, "begin_task", record)
-    run(tmp_path, "warm", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+    run(tmp_path, "warm", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1", "model.warmup_fraction=null",
         "continual.later_warmup_epochs=1", "trainer.limit_train_batches=2")
     assert seen == [1, 1, 1, 1, 1]
     seen.clear()
-    run(tmp_path, "cold", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+    run(tmp_path, "cold", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1", "model.warmup_fraction=null",
         "trainer.limit_train_batches=2")
     assert seen == [1, 0, 0, 0, 0]
 
@@ -394,7 +394,7 @@ def test_later_lr_scale_multiplies_every_later_increments_learning_rate(tmp_path
     runs = {}
     for scale in (1.0, 0.25):
         rates = {}
-        run(tmp_path, f"scale{scale}", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1",
+        run(tmp_path, f"scale{scale}", "strategy=naive", "trainer.max_epochs=2", "model.warmup_epochs=1", "model.warmup_fraction=null",
             "trainer.limit_train_batches=3", f"continual.later_lr_scale={scale}")
         runs[scale] = list(rates.values())
     assert len(runs[1.0]) == 5 and [len(r) for r in runs[0.25]] == [len(r) for r in runs[1.0]]
@@ -687,7 +687,7 @@ def test_balanced_phase_trains_the_memory_the_increment_ends_with_for_its_epochs
         return original(self, module, batch, embeddings, loss)
 
     monkeypatch.setattr(MagnetMemory, "observe", record)
-    args = ["trainer.max_epochs=3", "model.warmup_epochs=1", "strategy.buffer_size=40", "trainer.limit_train_batches=2"]
+    args = ["trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null", "strategy.buffer_size=40", "trainer.limit_train_batches=2"]
     rates = {}
     for scale in (1.0, 0.25):
         phases.clear()
@@ -748,7 +748,7 @@ def test_joint_at_a_matched_budget_takes_as_many_steps_per_epoch_as_replay(tmp_p
         return original(self, module, batch, embeddings, loss)
 
     monkeypatch.setattr(Strategy, "observe", record)
-    args = ["trainer.max_epochs=2", "model.warmup_epochs=1"]
+    args = ["trainer.max_epochs=2", "model.warmup_epochs=1", "model.warmup_fraction=null"]
     run(tmp_path, "replay", *args, "strategy=replay", "strategy.buffer_size=40")
     results = run(tmp_path, "matched", *args, "strategy=joint", "strategy.matched_buffer=40")
     assert results["strategy_label"] == "Joint (budget of a 40-image memory)"  # its own row in src.compare

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src.utils.host_sync import forbid_host_syncs
-from tests.conftest import SHORT_RUN_BN, compose
+from tests.conftest import compose
 
 TINY = ["data=fake", "data.subset_size=null", "data.val_size=40", "data.train_per_class=30", "data.test_per_class=4",
         "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false", "trainer.max_epochs=2",
@@ -20,10 +20,9 @@ def guarded(step, calls):
     return run
 
 
-MAGNET = ["model.warmup_epochs=0", "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=3",
-          SHORT_RUN_BN]
+MAGNET = ["model.warmup_epochs=0", "model.warmup_fraction=null", "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=3"]
 # two increments of five classes: the strategies' steps at a third of five increments' cost
-CONTINUAL = ["data.classes_per_increment=5", "model.warmup_epochs=0", "model.clusters.split_fraction=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "strategy.buffer_size=20",
+CONTINUAL = ["data.classes_per_increment=5", "model.warmup_epochs=0", "model.warmup_fraction=null", "model.clusters.split_fraction=null", "model.clusters.K=2", "model.clusters.M=3", "model.clusters.D=4", "strategy.buffer_size=20",
              "trainer.limit_train_batches=2"]
 
 

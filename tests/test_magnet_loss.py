@@ -184,7 +184,7 @@ def test_module_loss_is_magnet_plus_weighted_cross_entropy(ce_weight):
     from src.models.components.cluster_index import build_cluster_index
     from tests.conftest import compose
 
-    cfg = compose(["model.warmup_epochs=0", "model.clusters.split_fraction=null", "model.clusters.K=2",
+    cfg = compose(["model.warmup_epochs=0", "model.warmup_fraction=null", "model.clusters.split_fraction=null", "model.clusters.K=2",
                    f"model.ce_weight={ce_weight}"], Path("/tmp/unused"))
     model = hydra.utils.instantiate(cfg.model).eval()  # eval: BatchNorm gives the same embeddings on every call
     g = torch.Generator().manual_seed(0)
@@ -238,7 +238,7 @@ def run_fake_magnet(tmp_path, *overrides):
     from tests.conftest import compose
 
     train(compose(["experiment=magnet_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
-                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1",
+                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null",
                    "model.clusters.M=4", "model.clusters.D=4", "test=false",
                    "+callbacks.record_steps._target_=tests.test_magnet_loss.RecordTrainingSteps", *overrides], tmp_path))
     return RecordTrainingSteps.steps
@@ -307,7 +307,7 @@ def test_softmax_takes_the_same_two_phase_schedule_as_the_control_for_magnet(tmp
     from tests.conftest import compose
 
     train(compose(["experiment=softmax_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
-                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1", "test=false",
+                   "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null", "test=false",
                    "data.batch_size=16", "model.schedule_per_phase=true", "model.lr_scale_after_warmup=0.1",
                    "+callbacks.record_steps._target_=tests.test_magnet_loss.RecordTrainingSteps"], tmp_path))
     steps = RecordTrainingSteps.steps
@@ -324,7 +324,7 @@ def test_a_phase_schedule_without_a_second_phase_is_refused(make_cfg):
     from src.train import train
 
     cfg = make_cfg("experiment=softmax_cifar10", "debug=fdr", "data=fake", "data.subset_size=null",
-                   "trainer.max_epochs=2", "model.warmup_epochs=2", "model.schedule_per_phase=true")
+                   "trainer.max_epochs=2", "model.warmup_epochs=2", "model.warmup_fraction=null", "model.schedule_per_phase=true")
     with pytest.raises(ValueError, match="model.warmup_epochs=2 leaves no second phase"):
         train(cfg)
 

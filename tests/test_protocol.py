@@ -8,7 +8,7 @@ import torch
 
 from src.data.neighbourhood_sampler import NeighbourhoodBatchSampler, draw_members, split_quota
 from src.models.components.cluster_index import ClusterState, build_cluster_index
-from tests.conftest import SHORT_RUN_BN, compose
+from tests.conftest import compose
 
 FAKE = ["data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false"]
 CONTINUAL = ["experiment=continual_5x2", "data=fake", "data.subset_size=null", "data.val_size=50",
@@ -78,7 +78,7 @@ def test_selected_val_acc_equals_the_test_procedure_on_validation(tmp_path, monk
 
     # batch-statistics BN at the full rate: the default's frozen fine-tuning reaches 100 % on fake data, and a
     # perfect score would not tell a real measurement from a constant
-    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.clusters.K=2",
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.warmup_fraction=null", "model.clusters.K=2",
             "model.clusters.split_fraction=0.5", "model.clusters.M=4", "model.clusters.D=4", "model.bn_mode=batch",
             "model.lr_scale_after_warmup=1.0"]
     results = train(compose(args, tmp_path / "run"))
@@ -131,9 +131,8 @@ def test_one_embedding_pass_per_epoch(tmp_path, monkeypatch):
     passes = []
     original = recluster.embed_images
     monkeypatch.setattr(recluster, "embed_images", lambda *a, **k: passes.append(1) or original(*a, **k))
-    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.clusters.K=2",
-            "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "test=false",
-            SHORT_RUN_BN]
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=4", "model.warmup_epochs=1", "model.warmup_fraction=null", "model.clusters.K=2",
+            "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4", "test=false"]
     train(compose(args, tmp_path / "run"))
     assert len(passes) == 4  # the end of the warm-up epoch and of each of the 3 magnet epochs
 
@@ -187,9 +186,8 @@ def test_reclustering_pass_is_augmented_with_the_index_seed(tmp_path, monkeypatc
     original = recluster.embed_images
     monkeypatch.setattr(recluster, "embed_images",
                         lambda *a, **k: seeds.append(k.get("augment_seed")) or original(*a, **k))
-    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2",
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null", "model.clusters.K=2",
             "model.clusters.split_fraction=null", "model.clusters.M=4", "model.clusters.D=4",
-            SHORT_RUN_BN,
             f"callbacks.recluster.bn_pass_augment={str(augment).lower()}"]
     results = train(compose(args, tmp_path / "run"))
     assert len(seeds) == 4  # the ends of epochs 0, 1, 2 and the test-time rebuild
@@ -389,7 +387,7 @@ def test_recluster_schedule_and_stale_indices_are_not_selectable():
 
     from src.models.magnet_module import MagnetModule
 
-    model = hydra.utils.instantiate(compose(["model.clusters.split_fraction=null", "model.warmup_epochs=1"],
+    model = hydra.utils.instantiate(compose(["model.clusters.split_fraction=null", "model.warmup_epochs=1", "model.warmup_fraction=null"],
                                             Path("/tmp/unused")).model)
     assert isinstance(model, MagnetModule)
     for epoch, fresh, expected in [(0, True, False), (1, False, False), (1, True, True)]:

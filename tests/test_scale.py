@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from src.utils.instantiate import PROJECT_ROOT
-from tests.conftest import SHORT_RUN_BN, compose
+from tests.conftest import compose
 
 FAKE = ["data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null", "model.evaluation.tsne=false"]
 
@@ -51,7 +51,7 @@ def test_wandb_offline_run_leaves_a_local_folder(make_cfg, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     # not fast_dev_run: it replaces every logger with a dummy
-    cfg = make_cfg("experiment=magnet_cifar10", *FAKE, "logger=wandb", "trainer.max_epochs=1", "model.warmup_epochs=0",
+    cfg = make_cfg("experiment=magnet_cifar10", *FAKE, "logger=wandb", "trainer.max_epochs=1", "model.warmup_epochs=0", "model.warmup_fraction=null",
                    "trainer.limit_train_batches=2", "model.clusters.M=4", "model.clusters.D=4")
     assert cfg.logger.wandb.offline is True
     train(cfg)
@@ -76,9 +76,8 @@ def test_resume_after_interruption_reaches_the_same_metrics(tmp_path, monkeypatc
     from src.callbacks.timing import EpochTimer
     from src.train import train
 
-    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_fraction=null",
-            "model.clusters.M=4", "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50",
-            SHORT_RUN_BN]
+    args = ["experiment=magnet_cifar10", *FAKE, "trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null", "model.clusters.K=2", "model.clusters.split_fraction=null",
+            "model.clusters.M=4", "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50"]
     full = train(compose(args, tmp_path / "full"))
 
     original = EpochTimer.on_train_epoch_start
@@ -121,7 +120,7 @@ def test_checkpoint_written_atomically(tmp_path, monkeypatch):
 def test_ddp_two_cpu_processes_share_one_index(tmp_path):
     out = tmp_path / "ddp"
     proc = run_cli(["experiment=magnet_cifar10", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    *FAKE, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.clusters.K=2", "model.clusters.split_fraction=null", "model.clusters.M=4",
+                    *FAKE, "trainer.max_epochs=2", "model.warmup_epochs=1", "model.warmup_fraction=null", "model.clusters.K=2", "model.clusters.split_fraction=null", "model.clusters.M=4",
                     "model.clusters.D=4", "data.train_per_class=30", "data.val_size=50", f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = [(out / f"index_digest_rank{r}.txt").read_text().split("\n") for r in (0, 1)]

@@ -176,9 +176,10 @@ class EmbeddingModule(pl.LightningModule):
             return
         # (a split_fraction < 1 always leaves its last epoch to the final K; the warm-up may not)
         if self.selection_start_epoch() >= max_epochs:
-            raise ValueError(f"model.warmup_epochs={self.warmup_epochs} (model.warmup_fraction={self.warmup_fraction})"
-                             f" and model.clusters.split_fraction={self.split_fraction} leave no epoch trained with the method's own loss and final "
-                             f"K={self.K} within trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs")
+            warmup = (f"model.warmup_epochs={self.warmup_epochs}" if self.warmup_fraction is None else
+                      f"model.warmup_fraction={self.warmup_fraction} ({self.warmup_epochs} epochs)")
+            raise ValueError(f"{warmup} and model.clusters.split_fraction={self.split_fraction} leave no epoch "
+                             f"trained with the method's own loss and final K={self.K} within trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs")
         # softmax selects from epoch 0, so the check above lets its warm-up fill the run; a phased schedule cannot
         if self.schedule_per_phase and 0 < self.warmup_epochs and self.warmup_epochs >= max_epochs:
             raise ValueError(f"model.schedule_per_phase=true with model.warmup_epochs={self.warmup_epochs} leaves no "
