@@ -1,7 +1,8 @@
 """No import cycle among the modules under src/: every import, function-local ones included, runs one way.
 
-A cycle works only as long as one side defers its import to call time; the layering is
-utils <- data, models <- callbacks, continual <- train/eval/report (models never import callbacks)."""
+A cycle between modules works only as long as one side defers its import to call time. Cycles are checked
+module by module (packages such as src.models and src.data may still use each other's modules); one layering is
+checked on its own: models never import callbacks (a callback finds what it needs in models and utils)."""
 from __future__ import annotations
 
 import ast
