@@ -2,16 +2,16 @@
 
 A continual_5x2 sequence is launch-bound on a GPU (batches of 48 images at 32 px), so one run leaves the device
 mostly idle. Fourteen at once on the H200 (16 cores, one thread each) each took 316 s, about what one run takes
-at one thread on the 2-core CPU beside two others: some 10x the CPU's throughput for a screen (session 17).
+at one thread on the 2-core CPU beside two others: some 10x the CPU's throughput for a screen (measured 2026-11-30, commit 389aaf7).
 
 Each line of the jobs file is `NAME SEEDS OVERRIDES...` (SEEDS comma-separated; `#` starts a comment); jobs run
-in file order, every seed of a line before the next line, so a cut session still has whole configurations.
+in file order, every seed of a line before the next line, so a cut lease still has whole configurations.
 No job starts once it could not end before --kill-at (judged by the median run so far); at --kill-at the rest
 are killed. As each job ends, a row goes to OUT/summary.tsv (name, wall s, final Class-IL test, validation)
 and the run's accuracy matrices to OUT/results.jsonl, so what ended comes back even from a cut command.
 Three failed jobs abort the screen (the first one's log tail is in OUT/fails.log).
 
-The device machine lacks Hydra, OmegaConf and FAISS, and the JPEG copy of CIFAR-10 (benchmarks/gpu_session.sh's
+The device machine lacks Hydra, OmegaConf and FAISS, and the JPEG copy of CIFAR-10 (benchmarks/gpu_checks.sh's
 header says how to carry them as .whl/ and .gpu/shared_data). Then, with carry [".whl", ".gpu"]:
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD;
   python3 .gpu/shared_data/build_cifar10.py data >/dev/null; python3 benchmarks/gpu_screen.py JOBS --out $OUT

@@ -6,50 +6,42 @@ Runs of the same strategy (e.g. several seeds) are aggregated as mean ± std."""
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
 from src.utils.io import atomic_write_text
 from src.utils.plots import accuracy_curve
+from src.utils.runs import (
+    CONTINUAL_COLUMNS,
+    RunFolderError,
+    continual_cells,
+    is_continual,
+    read_results,
+    strategy_label,
+)
 
 
 def load_runs(dirs: list[str]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for d in dirs:
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            print(f"skipping {d}: no results.json")
+        try:
+            r = read_results(d)
+        except RunFolderError as e:
+            print(f"skipping {e}")
             continue
-        r = json.loads(path.read_text())
-        if "class_il" not in r:
+        if not is_continual(r):
             print(f"skipping {d}: not a continual run")
             continue
-        # the strategy's own label (e.g. joint at a memory's budget); older runs have only the class path
-        groups[r.get("strategy_label") or str(r.get("strategy", "?")).rsplit(".", 1)[-1]].append(r)
+        groups[strategy_label(r)].append(r)
     return groups
 
 
-def fmt(values: list[float], pct: bool = True) -> str:
-    scale = 100 if pct else 1
-    v = np.array(values, dtype=float) * scale
-    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
-
-
 def table(groups: dict[str, list[dict]]) -> str:
-    lines = ["| strategy | runs | final Class-IL acc (%) | final Class-IL acc on validation (%) | avg incremental acc (%) | "
-             "forgetting (pts) | BWT (pts) | final Task-IL acc (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | runs | " + " | ".join(h for h, _, _ in CONTINUAL_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(CONTINUAL_COLUMNS)]
     for name, runs in groups.items():
-        cil = [r["class_il"] for r in runs]
-        # what settings are chosen on; runs from before validation was measured have none
-        val = fmt([r["class_il_val"]["average_accuracy"] for r in runs]) if all("class_il_val" in r for r in runs) else "–"
-        lines.append(
-            f"| {name} | {len(runs)} | {fmt([c['average_accuracy'] for c in cil])} | {val} | "
-            f"{fmt([c['average_incremental_accuracy'] for c in cil])} | {fmt([c['forgetting'] for c in cil])} | "
-            f"{fmt([c['backward_transfer'] for c in cil])} | {fmt([r['task_il']['average_accuracy'] for r in runs])} | "
-            f"{fmt([r['time/total_s'] for r in runs], pct=False)} |")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(continual_cells(runs)) + " |")
     return "\n".join(lines) + "\n"
 
 

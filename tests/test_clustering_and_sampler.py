@@ -303,5 +303,5 @@ def test_warmup_batches_reach_the_sampler_from_the_config(make_cfg):
         model = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10", "data=fake", *overrides).model)
         return model.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1)
 
-    assert sampler_of().warmup_batches == "permutation"  # the experiment's choice since session 23
+    assert sampler_of().warmup_batches == "permutation"  # the experiment's choice since 2026-12-01 (commit b8e8257)
     assert sampler_of("model.clusters.warmup_batches=iid").warmup_batches == "iid"

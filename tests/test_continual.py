@@ -530,7 +530,7 @@ def test_the_runner_rebuilds_the_index_from_merged_weights(tmp_path, monkeypatch
 
 
 def test_continual_5x2_trains_cross_entropy_beside_the_magnet_loss_in_every_strategy(tmp_path):
-    """model.ce_weight=1.0 in the continual experiment (chosen on validation, README session 16), for every strategy
+    """model.ce_weight=1.0 in the continual experiment (chosen on validation on 2026-11-30, commit 1e3c55e), for every strategy
     alike so that the table compares one training signal; model=magnet alone keeps the paper's pure magnet loss."""
     import hydra
 

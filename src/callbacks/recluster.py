@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Callback
 
 from src.models.components.cluster_index import ClusterIndex, build_cluster_index
 from src.models.embed import embed_images
+from src.utils.distributed import gather_uneven
 from src.utils.seeding import stream_seed
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def index_digest(index: ClusterIndex) -> str:
 class ReclusterCallback(Callback):
     """Every ``every_n_epochs`` epochs (from the end of the model's warm-up) and before testing: embed the
     training set, run per-class k-means, and hand the index to the model (and so to its batch sampler)."""
+
+    builds_cluster_index = True  # what a model's check_training_plan looks for, without importing this class
 
     def __init__(self, every_n_epochs: int = 1, kmeans_iters: int = 20, seed: int = 0, batch_size: int = 500,
                  recalibrate_bn: bool = True, bn_pass_augment: bool = False):
@@ -136,8 +139,6 @@ class ReclusterCallback(Callback):
             emb = embed_images(pl_module, dm.transform, images, self.batch_size, recalibrate, shard, progress,
                                augment_seed=seed if augment else None)
         if trainer.world_size > 1:
-            from src.models.embedding_module import gather_uneven
-
             parts = gather_uneven(pl_module, emb)
             # gather_uneven concatenates rank 0's positions, then rank 1's...: restore dataset order
             order = torch.cat([torch.arange(r, len(images), trainer.world_size) for r in range(trainer.world_size)])

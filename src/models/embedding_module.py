@@ -16,6 +16,7 @@ from src.models.components.cluster_index import ClusterState
 from src.models.components.magnet_loss import magnet_predict
 from src.models.components.phased_schedule import phased_schedule
 from src.utils import metrics as M
+from src.utils.distributed import gather_uneven
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,9 @@ class EmbeddingModule(pl.LightningModule):
 
     def check_training_plan(self) -> None:
         """One-line errors for a run that would never train or test the method in its final form."""
-        from src.callbacks.recluster import ReclusterCallback
-
         trainer = self.trainer
-        if self.uses_training_index and not any(isinstance(cb, ReclusterCallback) for cb in trainer.callbacks):
+        # the callback marks itself (builds_cluster_index): models never import callbacks
+        if self.uses_training_index and not any(getattr(cb, "builds_cluster_index", False) for cb in trainer.callbacks):
             raise ValueError(f"{type(self).__name__} needs the re-clustering callback for its cluster index; add "
                              "callbacks.recluster (conf/callbacks/recluster.yaml) to the run's callbacks")
         max_epochs = self._max_epochs(None)
@@ -483,13 +483,3 @@ class EmbeddingModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "cluster_state" in checkpoint:
             self.cluster_state.load_state_dict(checkpoint["cluster_state"])
-
-
-def gather_uneven(module: pl.LightningModule, t: torch.Tensor) -> torch.Tensor:
-    """all_gather for per-rank tensors whose first dimension differs by rank."""
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = module.all_gather(n).flatten().tolist()
-    pad = max(sizes) - t.shape[0]
-    padded = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
-    gathered = module.all_gather(padded)  # [world, max, ...]
-    return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])

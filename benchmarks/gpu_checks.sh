@@ -20,9 +20,9 @@
 #   mkdir -p .gpu && cp -r ../shared/data .gpu/shared_data
 # and call it with carry [".whl", ".gpu"]:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD;
-#   bash benchmarks/gpu_session.sh "$OUT"
+#   bash benchmarks/gpu_checks.sh "$OUT"
 set -u -o pipefail
-out=${1:-outputs/gpu_session}
+out=${1:-outputs/gpu_checks}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 py=${PYTHON:-python3}

@@ -1,0 +1,80 @@
+"""Finished run folders, read and summarised: shared by src.compare (continual figure and table) and src.report
+(tables of every run, grouped by settings).
+
+A run folder, as `python -m src.train` leaves it: results.json (written last, so its presence means the run
+finished), config_resolved.yaml, and Hydra's .hydra/config.yaml and .hydra/overrides.yaml."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a finished run folder; the message is one line naming the path and what is missing."""
+
+
+def read_results(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such folder")
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir}: no results.json (not a finished run)")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(results, dict):
+        raise RunFolderError(f"{path}: not a JSON object")
+    return results
+
+
+def is_continual(results: dict) -> bool:
+    return "class_il" in results
+
+
+def strategy_label(results: dict) -> str:
+    """The strategy's own label (e.g. joint at a memory's budget); older runs have only the class path."""
+    return results.get("strategy_label") or str(results.get("strategy", "?")).rsplit(".", 1)[-1]
+
+
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
+    """'mean ± std' over runs (sample std, ddof=1), the value alone for one run, '–' when any run lacks it."""
+    if not values or any(v is None for v in values):
+        return "–"
+    v = np.array(values, dtype=float) * scale
+    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def fmt(values: list[float | None], pct: bool = True) -> str:
+    return mean_std(values, 100 if pct else 1)
+
+
+def _get(*path: str) -> Callable[[dict], Any]:
+    def get(r: dict) -> Any:
+        for p in path:
+            r = r.get(p) if isinstance(r, dict) else None
+        return r
+
+    return get
+
+
+# (header, value of one run's results.json, percent?): the continual table's metric columns
+CONTINUAL_COLUMNS: list[tuple[str, Callable[[dict], Any], bool]] = [
+    ("final Class-IL acc (%)", _get("class_il", "average_accuracy"), True),
+    # what settings are chosen on; runs from before validation was measured have none
+    ("final Class-IL acc on validation (%)", _get("class_il_val", "average_accuracy"), True),
+    ("avg incremental acc (%)", _get("class_il", "average_incremental_accuracy"), True),
+    ("forgetting (pts)", _get("class_il", "forgetting"), True),
+    ("BWT (pts)", _get("class_il", "backward_transfer"), True),
+    ("final Task-IL acc (%)", _get("task_il", "average_accuracy"), True),
+    ("time (s)", _get("time/total_s"), False),
+]
+
+
+def continual_cells(runs: list[dict]) -> list[str]:
+    return [fmt([get(r) for r in runs], pct) for _, get, pct in CONTINUAL_COLUMNS]
