@@ -43,12 +43,11 @@ echo "== 3. 50 full-data magnet epochs, compiled" | tee -a "$out/summary.txt"
 timeout 420 $py benchmarks/gpu_speed.py --parts full 2>&1 | grep -E "^[0-9]\.|^   |failed" | tee -a "$out/summary.txt"
 
 if [ "${STAGE:-1}" = 2 ]; then
-  # the paper's settings (5 CE epochs, the scheduled rate, batch BN, alpha 1, no CE term, M = 10 of D = 6, a fixed K)
-  faithful="experiment=magnet_cifar10 model.optimizer.lr=0.02 model.ce_weight=0.0 model.clusters.M=10 model.clusters.D=6 model.clusters.warmup_batches=iid model.warmup_epochs=5 model.schedule_per_phase=false callbacks.recluster.bn_pass_augment=false model.lr_scale_after_warmup=1.0 model.bn_mode=batch model.loss.alpha=1.0 model.clusters.split_fraction=null"
+  # the faithful default (K = 2), the same at K = 8, the hybrid and softmax, heaviest last
   for run in "softmax experiment=softmax_cifar10" \
-             "magnet experiment=magnet_cifar10" \
-             "faithful_k2 $faithful model.clusters.K=2" \
-             "faithful_k8 $faithful model.clusters.K=8"; do
+             "hybrid experiment=magnet_cifar10_hybrid" \
+             "magnet_k2 experiment=magnet_cifar10" \
+             "magnet_k8 experiment=magnet_cifar10 model.clusters.K=8"; do
     set -- $run; name=$1; shift
     echo "== 4. $name, cifar stem, full data, 50 epochs" | tee -a "$out/summary.txt"
     start=$(date +%s)

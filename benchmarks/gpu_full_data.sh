@@ -4,7 +4,7 @@
 #   2. continual_5x2 on full data (10,000 training images per increment), 500 exemplars, magnet_memory.
 # Both start with a fast_dev_run-style smoke run (SMOKE=0 skips it), so a broken setup fails in seconds.
 # MAGNET_EXTRA / CONTINUAL_EXTRA append Hydra overrides, e.g. a shorter budget:
-#   MAGNET_EXTRA="trainer.max_epochs=15 model.warmup_epochs=3"
+#   MAGNET_EXTRA="trainer.max_epochs=15"
 # Measured on one H200 (two runs sharing it): ~9 s per magnet epoch on 49k images (2 s of it re-clustering),
 # ~100 s per 30-epoch increment of the continual run; the step is launch-bound (~40 ms), not FLOP-bound.
 #
@@ -32,7 +32,7 @@ continual=(experiment=continual_5x2 data.subset_size=null trainer.max_epochs=30
 if [ "${SMOKE:-1}" = 1 ]; then
 echo "== smoke"
 # warm-up, the K split, validation and test, on a few batches each
-smoke=(trainer.max_epochs=3 model.warmup_epochs=1 trainer.limit_train_batches=5
+smoke=(trainer.max_epochs=3 trainer.limit_train_batches=5
        trainer.limit_val_batches=2 trainer.limit_test_batches=2 model.evaluation.tsne_per_class=10)
 $py -m src.train "${magnet[@]}" "${common[@]}" data.subset_size=2000 "${smoke[@]}" \
     hydra.run.dir="$out/smoke_magnet" > "$out/smoke_magnet.log" 2>&1 || { tail -40 "$out/smoke_magnet.log"; exit 1; }

@@ -99,7 +99,7 @@ def magnet_loop(args, compiled: bool):
     from src.utils.instantiate import apply_accelerator_defaults
 
     device = torch.device(args.device)
-    cfg = compose([*loop_overrides(args, compiled), "model.warmup_epochs=0", "model.clusters.split_fraction=null",
+    cfg = compose([*loop_overrides(args, compiled), "model.warmup_epochs=0", "model.warmup_fraction=null", "model.clusters.split_fraction=null",
                    "model.evaluation.tsne=false"], tempfile.mkdtemp())
     apply_accelerator_defaults(cfg.trainer, cfg.model)
     dm = hydra.utils.instantiate(cfg.data)

@@ -55,7 +55,7 @@ class StepTimer(Callback):
 def setup(experiment: str, args, tmp: str, extra=()):
     data = [] if HAVE_REAL_DATA else ["data=fake", "data.train_per_class=600", "data.subset_size=null"]
     cfg = compose([f"experiment={experiment}", *data, f"data.subset_size={args.subset}" if HAVE_REAL_DATA else "seed=0",
-                   "model.warmup_epochs=0", "model.evaluation.tsne=false", *extra], tmp)
+                   "model.warmup_epochs=0", "model.warmup_fraction=null", "model.evaluation.tsne=false", *extra], tmp)
     dm = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     return cfg, dm, model
