@@ -1,4 +1,4 @@
-"""Avalanche's Naive, Replay and DER++ on exactly our increments, side by side with ours, from one run.
+"""Avalanche's Naive, Replay, DER++ and iCaRL on exactly our increments, side by side with ours, from one run.
 
     pip install -e '.[peers]'          # avalanche-lib, pinned in pyproject.toml
     python benchmarks/peer_avalanche.py [--seed 42] [--epochs 20] [--out docs/figures/peer_avalanche]
@@ -16,14 +16,20 @@ What is shared, so that only the library differs:
 - model: the same GoogLeNet trunk and linear head (`model=softmax`), freshly initialised with the same seed;
 - optimiser: SGD with the harness's lr, momentum, Nesterov and weight decay, restarted with a one-cycle
   schedule at each increment (as our runner does), the same batch size and epochs per increment;
-- buffers: 500 images; DER++ with alpha 0.2, beta 0.5 (the paper's Seq-CIFAR-10 buffer-500 values);
+- buffers: 500 images; DER++ with alpha 0.2, beta 0.5 (the paper's Seq-CIFAR-10 buffer-500 values); iCaRL with a
+  fixed memory of 500 (``fixed_memory=True``), its exemplars augmented like the training images when replayed;
 - read-out: after each increment both libraries' models are scored by the same function
-  (`logit_cil_til_accuracies`: argmax over the seen classes' logits, Task-IL over the increment's own).
+  (`logit_cil_til_accuracies`: argmax over the seen classes' scores, Task-IL over the increment's own). The scores are
+  the logits, except for iCaRL in both libraries: minus the distance to each class's mean of exemplars (Avalanche's
+  NCMClassifier, our `strategy=icarl` read-out), on the L2-normalised embedding the head sits on.
 
 What cannot be shared: Avalanche's Replay and DER draw a second mini-batch of the same size from the buffer
 at every step (so a step sees twice the images), as our softmax `replay` (`strategy.replay_mode=auto` = batch)
 and DER++ do, while our magnet strategies (and `replay_dataset`, the softmax replay before 2026-11-28) add the
-memory to the increment's data; Avalanche's Replay keeps a class-balanced random memory, ours a herded one.
+memory to the increment's data; Avalanche's Replay keeps a class-balanced random memory, ours a herded one. Both iCaRLs
+add the exemplars to the increment's data and herd; Avalanche's keeps ceil(500 / seen classes) exemplars a class (ours
+floor, so never over 500), stores them after its test-time transform and averages each class mean over the exemplars
+and their mirror images (ours over the exemplars alone).
 """
 from __future__ import annotations
 
@@ -41,9 +47,9 @@ from src.continual.runner import logit_cil_til_accuracies, seen_accuracy, summar
 from src.utils.compose import compose
 from src.utils.io import atomic_write_text
 
-AVALANCHE_STRATEGIES = ("naive", "replay", "der")
+AVALANCHE_STRATEGIES = ("naive", "replay", "der", "icarl")
 OURS = (("softmax", "naive"), ("softmax", "replay"), ("softmax", "replay_dataset"), ("softmax", "der"), ("softmax", "der_three_pass"),
-        ("magnet", "replay"), ("magnet", "magnet_memory"), ("magnet", "joint"))
+        ("softmax", "icarl"), ("magnet", "replay"), ("magnet", "magnet_memory"), ("magnet", "joint"))
 # our strategies under another name: DER++ with the paper's three forward passes instead of our joint one; softmax
 # replay with the memory joining the epoch (as magnet models replay) instead of a memory batch appended to each step
 VARIANTS = {"der_three_pass": ["strategy=der", "strategy.joint_forward=false"],
@@ -85,7 +91,7 @@ def run_avalanche(name: str, args, out: Path) -> dict:
     import hydra
     from avalanche.benchmarks import nc_benchmark
     from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
-    from avalanche.training.supervised import DER, Naive, Replay
+    from avalanche.training.supervised import DER, ICaRL, Naive, Replay
 
     cfg = compose([*base_overrides(args), "model=softmax", "strategy=naive"], out / f"avalanche_{name}")
     torch.manual_seed(args.seed)
@@ -128,22 +134,36 @@ def run_avalanche(name: str, args, out: Path) -> dict:
             if self.steps < self.total:
                 self.sched.step()
 
-    common = dict(model=model, optimizer=fresh_optimizer(), criterion=torch.nn.CrossEntropyLoss(),
-                  train_mb_size=batch, train_epochs=args.epochs, eval_mb_size=500, device="cpu",
+    budget = dict(optimizer=fresh_optimizer(), train_mb_size=batch, train_epochs=args.epochs, eval_mb_size=500, device="cpu",
                   plugins=[FreshOneCycle()], evaluator=EvaluationPlugin(loggers=[]))
+    common = dict(model=model, criterion=torch.nn.CrossEntropyLoss(), **budget)
+    mean, std = (v.cpu() for v in transform.stats_on(torch.device("cpu")))  # [1, 3, 1, 1], in uint8 units
+
+    def replayed_exemplar(img: torch.Tensor) -> torch.Tensor:
+        """Avalanche's iCaRL stores exemplars after the test-time transform (normalised floats); undo it and augment them
+        as the training images are (``buffer_transform``)."""
+        raw = (img[None] * std + mean).round().clamp(0, 255).to(torch.uint8)
+        return transform(raw, train=True)[0]
+
     strategy = {"naive": lambda: Naive(**common),
                 "replay": lambda: Replay(mem_size=args.buffer, **common),
-                "der": lambda: DER(mem_size=args.buffer, alpha=0.2, beta=0.5, **common)}[name]()
+                "der": lambda: DER(mem_size=args.buffer, alpha=0.2, beta=0.5, **common),
+                # its own loss (ICaRLLossPlugin: BCE with the previous model's sigmoid targets) and NCM read-out
+                "icarl": lambda: ICaRL(feature_extractor=module.net, classifier=module.net.classifier,
+                                       memory_size=args.buffer, buffer_transform=replayed_exemplar, fixed_memory=True,
+                                       **budget)}[name]()
+    # what is scored: the logits, or for iCaRL the TrainEvalModel, whose eval mode gives the NCM scores
+    scored = strategy.model if name == "icarl" else model
     R = {k: np.full((T, T), np.nan) for k in ("cil", "til", "cil_val")}
     seen, start = [], time.perf_counter()
     for t, experience in enumerate(bench.train_stream):
         strategy.train(experience, num_workers=0)
-        model.eval()
+        model.eval(), scored.eval()
         dm.increment = t
         increments = [dm.classes_of_increment(j) for j in range(t + 1)]
         for key, (x, y) in (("test", (test_x, test_y)), ("val", dm.val_arrays(dm.seen_classes))):
             with torch.no_grad():
-                logits = torch.cat([model(transform(x[i:i + 500], train=False)) for i in range(0, len(x), 500)])
+                logits = torch.cat([scored(transform(x[i:i + 500], train=False)) for i in range(0, len(x), 500)])
             cil, til = logit_cil_til_accuracies(logits.float(), y, dm.seen_classes, increments)
             if key == "test":
                 R["cil"][t, : t + 1], R["til"][t, : t + 1] = cil, til
@@ -161,7 +181,7 @@ def run_ours(model: str, strategy: str, args, out: Path) -> dict:
     over = [*base_overrides(args), *strategy_over]
     if model == "softmax":
         over.append("model=softmax")
-    if strategy_over[0].removeprefix("strategy=") in ("replay", "der", "magnet_memory"):  # a variant's own strategy
+    if strategy_over[0].removeprefix("strategy=") in ("replay", "der", "magnet_memory", "icarl"):  # a variant's own strategy
         over.append(f"strategy.buffer_size={args.buffer}")
     start = time.perf_counter()
     res = train(compose(over, out / f"ours_{model}_{strategy}"))

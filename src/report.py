@@ -26,10 +26,12 @@ import yaml
 
 from src.utils.io import atomic_write_text
 from src.utils.runs import (
-    CONTINUAL_COLUMNS,
+    CLASSIC_JOINT,
     RunFolderError,
     continual_cells,
+    continual_headers,
     is_continual,
+    joint_note,
     mean_std,
     read_results,
     strategy_label,
@@ -170,12 +172,16 @@ def metric_table(groups: list[Group], attr_k: list[int] | None = None) -> str:
 
 
 def continual_table(groups: list[Group]) -> str:
-    lines = ["| experiment | strategy | settings | seeds | " + " | ".join(h for h, _, _ in CONTINUAL_COLUMNS)
-             + " | command |", "|---|---|---|---|" + "---|" * len(CONTINUAL_COLUMNS) + "---|"]
+    headers = continual_headers()
+    # the classic joint of the same experiment is every row's denominator (its default settings' runs)
+    joint = [r.results for g in groups if g.strategy == CLASSIC_JOINT
+             and all(override_key(o) in ("experiment", "strategy") for o in g.settings) for r in g.runs] or None
+    lines = ["| experiment | strategy | settings | seeds | " + " | ".join(headers) + " | command |",
+             "|---|---|---|---|" + "---|" * len(headers) + "---|"]
     for g in groups:
         lines.append(f"| {cell(g.experiment)} | {cell(g.strategy or '?')} | {settings_cell(g)} | {len(g.runs)} | "
-                     + " | ".join(continual_cells([r.results for r in g.runs])) + f" | {code(command(g))} |")
-    return "\n".join(lines) + "\n"
+                     + " | ".join(continual_cells([r.results for r in g.runs], joint)) + f" | {code(command(g))} |")
+    return "\n".join(lines) + "\n\n" + joint_note(joint) + "\n"
 
 
 def report(run_dirs: list[str], args: list[str] | None = None, attr_k: list[int] | None = None,

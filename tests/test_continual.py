@@ -169,10 +169,15 @@ def test_compare_draws_one_figure_and_one_table(tmp_path):
             "table": [{"accuracy_seen": 0.9}, {"accuracy_seen": (last + 0.8) / 2}], "time/total_s": 10.0}))
         runs.append(str(d))
     md = main([*runs, "--out", str(tmp_path / "cmp")])
-    assert "| Naive | 1 | 50.0 |" in md
-    assert "| MagnetMemory | 2 | 67.5 ± 3.5 | – |" in md  # these runs carry no validation matrix
+    # the ratio: final Class-IL over the classic joint's (75.0), never the matched-budget joint's (60.0)
+    assert "| Naive | 1 | 50.0 | 0.67 |" in md
+    assert "| MagnetMemory | 2 | 67.5 ± 3.5 | 0.90 | – |" in md  # these runs carry no validation matrix
     # runs of one class with different labels (joint at its full and at a matched budget) are separate rows
-    assert "| Joint | 1 | 75.0 |" in md and f"| {matched} | 1 | 60.0 |" in md
+    assert "| Joint | 1 | 75.0 | 1.00 |" in md and f"| {matched} | 1 | 60.0 | 0.80 |" in md
+    assert "over the classic joint's (75.0 %, 1 run(s)" in md
+    # without a classic joint run there is no denominator (the matched joint is not one)
+    no_joint = main([runs[0], runs[4], "--out", str(tmp_path / "cmp2")])
+    assert "| Naive | 1 | 50.0 | – |" in no_joint and "no classic joint run" in no_joint
     assert (tmp_path / "cmp.png").stat().st_size > 1000 and (tmp_path / "cmp.md").read_text() == md
 
 

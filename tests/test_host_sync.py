@@ -35,7 +35,11 @@ CONTINUAL = ["data.classes_per_increment=5", "model.warmup_epochs=0", "model.war
     ("continual_5x2", "src.models.softmax_module.SoftmaxModule", ["model=softmax", "strategy=der", "data.batch_size=16", *CONTINUAL], 2),
     ("continual_5x2", "src.models.softmax_module.SoftmaxModule",
      ["model=softmax", "strategy=replay", "strategy.replay_mode=batch", "data.batch_size=16", *CONTINUAL], 2),
-], ids=["magnet", "softmax", "triplet", "continual-magnet_memory", "continual-softmax-der", "continual-softmax-replay-batch"])
+    # iCaRL's BCE with the teacher's targets, over the step's batch and an appended exemplar batch
+    ("continual_5x2", "src.models.softmax_module.SoftmaxModule",
+     ["model=softmax", "strategy=icarl", "strategy.replay_mode=batch", "data.batch_size=16", *CONTINUAL], 2),
+], ids=["magnet", "softmax", "triplet", "continual-magnet_memory", "continual-softmax-der", "continual-softmax-replay-batch",
+        "continual-softmax-icarl-batch"])
 def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, experiment, module_path, extra, fits):
     import importlib
 

@@ -19,13 +19,15 @@ def test_peer_script_runs_both_libraries_on_the_same_increments(tmp_path):
         sys.path.pop(0)
     rows = peer_avalanche.main(["--fake", "--epochs", "2", "--buffer", "20", "--out", str(tmp_path)])
     libraries = [r["library"].split()[0] for r in rows]
-    assert libraries.count("Avalanche") == 3 and libraries.count("ours") == len(peer_avalanche.OURS)
+    assert libraries.count("Avalanche") == len(peer_avalanche.AVALANCHE_STRATEGIES) == 4
+    assert libraries.count("ours") == len(peer_avalanche.OURS)
     for r in rows:
         R = r["R"]["cil"]
         assert R.shape == (5, 5) and np.isfinite(R[np.tril_indices(5)]).all() and np.isnan(R[np.triu_indices(5, 1)]).all()
         assert 0.0 <= r["final_class_il"] <= 1.0
     table = (tmp_path / "table.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and "Avalanche 0.6.0 | softmax | der" in "\n".join(table)
+    assert "Avalanche 0.6.0 | softmax | icarl" in "\n".join(table) and "| ours | softmax | icarl |" in "\n".join(table)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved[0]["R"]["cil"][0][1] is None  # upper triangle written as null, not NaN
     assert (tmp_path / "class_il.png").is_file()

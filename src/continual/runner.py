@@ -12,6 +12,7 @@ import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from src.callbacks.recluster import ReclusterCallback
@@ -19,6 +20,7 @@ from src.data.cifar10 import CLASSES
 from src.models.components.magnet_loss import magnet_predict
 from src.models.embed import embed_images
 from src.utils import cl_metrics
+from src.utils import metrics as M
 from src.utils.instantiate import apply_accelerator_defaults, instantiate_group, to_container
 from src.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -54,30 +56,75 @@ def logit_cil_til_accuracies(logits: torch.Tensor, labels: torch.Tensor, seen_cl
     return cil, til
 
 
-def class_il_task_il(module, datamodule, strategy, t: int, images: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Class-IL and Task-IL accuracy of each increment 0..t on ``images`` (test or validation images of
-    every seen class): from the classifier's logits for a model that has them, else with the magnet rule
-    on the centroids the strategy chooses."""
+def readouts(module, strategy) -> list[str]:
+    """The read-outs a continual run measures, the primary one (what results.json's matrices, the table and any choice on
+    validation use) first. A magnet model: the magnet rule on the strategy's centroids. A softmax model: the head's argmax
+    over the seen classes' logits; with model.readout=ncm, or a strategy read out by class means (iCaRL), the nearest
+    class mean first and the head beside it."""
+    if not module.predicts_with_logits:
+        return ["magnet"]
+    if getattr(module, "readout", "head") == "ncm" or strategy.readout == "ncm":
+        return ["ncm", "head"]
+    return ["head"]
+
+
+def check_readout(module, strategy) -> None:
+    """One line, before any training, for a nearest-class-mean read-out the strategy has no images for."""
+    if "ncm" in readouts(module, strategy) and not strategy.keeps_class_mean_images:
+        raise ValueError(f"model.readout=ncm computes class means from the images a strategy keeps, and strategy="
+                         f"{strategy.name} keeps none of the old classes (buffer_size 0 or no memory); use a strategy with a "
+                         "memory (replay, distill with buffer_size > 0, der, icarl) or joint, or model.readout=head")
+
+
+def ncm_class_means(module, datamodule, strategy) -> torch.Tensor:
+    """[C, E] iCaRL's class means (CPU): each class's mean L2-normalised embedding over the images the strategy keeps
+    (the memory's exemplars; joint: every seen training image), normalised again; NaN rows for classes without one."""
+    kept = strategy.class_mean_images(datamodule)
+    if kept is None:
+        raise ValueError(f"strategy={strategy.name} holds no images to compute the nearest-class-mean read-out from")
+    images, labels = kept
+    emb = F.normalize(embed_images(module, datamodule.transform, images).float().cpu(), dim=1)
+    return F.normalize(M.class_means(emb, labels.cpu(), module.num_classes), dim=1)
+
+
+def class_il_task_il(module, datamodule, strategy, t: int, images: torch.Tensor, labels: torch.Tensor,
+                     means: torch.Tensor | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """Class-IL and Task-IL accuracy of each increment 0..t on ``images`` (test or validation images of every seen
+    class), per read-out (``readouts``), from one embedding pass: a softmax model's head (argmax of the logits) and,
+    given class ``means``, the nearest of them to the L2-normalised embedding; a magnet model's magnet rule on the
+    centroids the strategy chooses."""
     emb = embed_images(module, datamodule.transform, images)
     increments = [datamodule.classes_of_increment(j) for j in range(t + 1)]
     if module.predicts_with_logits:
         with torch.no_grad():
             logits = module.classifier_logits(emb).float().cpu()
-        return logit_cil_til_accuracies(logits, labels, datamodule.seen_classes, increments)
+        out = {"head": logit_cil_til_accuracies(logits, labels, datamodule.seen_classes, increments)}
+        if means is not None:
+            scores = M.nearest_mean_scores(F.normalize(emb.float().cpu(), dim=1), means)
+            out["ncm"] = logit_cil_til_accuracies(scores, labels, datamodule.seen_classes, increments)
+        return out
     emb = emb.cpu()
     centroids, centroid_labels = strategy.eval_centroids(datamodule.seen_classes, module)
-    return cil_til_accuracies(emb, labels, centroids, centroid_labels, module.eval_variance(), increments,
-                              module.num_classes, module.L)
+    return {"magnet": cil_til_accuracies(emb, labels, centroids, centroid_labels, module.eval_variance(), increments,
+                                         module.num_classes, module.L)}
+
+
+def evaluate_readouts(module, datamodule, strategy, t: int) -> dict[str, dict[str, list[float]]]:
+    """Per read-out, row t of the four accuracy matrices: Class-IL and Task-IL on the test set and on the validation
+    split of every class seen so far (training images outside the subset, never trained on)."""
+    datamodule.increment = t
+    names = readouts(module, strategy)
+    means = ncm_class_means(module, datamodule, strategy) if "ncm" in names else None
+    test = class_il_task_il(module, datamodule, strategy, t, *datamodule.test_arrays(), means=means)
+    val = class_il_task_il(module, datamodule, strategy, t, *datamodule.val_arrays(datamodule.seen_classes), means=means)
+    return {name: {"cil": test[name][0], "til": test[name][1], "cil_val": val[name][0], "til_val": val[name][1]}
+            for name in names}
 
 
 def evaluate_increment(module, datamodule, strategy, t: int) -> dict[str, list[float]]:
-    """Row t of the four accuracy matrices: Class-IL and Task-IL on the test set and on the validation split
-    of every class seen so far (training images outside the subset, never trained on)."""
-    datamodule.increment = t
-    test_cil, test_til = class_il_task_il(module, datamodule, strategy, t, *datamodule.test_arrays())
-    val_cil, val_til = class_il_task_il(module, datamodule, strategy, t, *datamodule.val_arrays(datamodule.seen_classes))
-    return {"cil": test_cil, "til": test_til, "cil_val": val_cil, "til_val": val_til}
+    """Row t of the primary read-out's four accuracy matrices (``evaluate_readouts``)."""
+    rows = evaluate_readouts(module, datamodule, strategy, t)
+    return rows[readouts(module, strategy)[0]]
 
 
 def seen_accuracy(per_increment: list[float], labels: torch.Tensor, datamodule, t: int) -> float:
@@ -166,7 +213,13 @@ def run_continual(cfg: DictConfig) -> dict:
     module.strategy = strategy
     datamodule.setup()
     T = datamodule.num_increments
+    names = readouts(module, strategy)
+    check_readout(module, strategy)  # before any training
+    # the primary read-out's matrices under their plain names (as before read-outs existed), every other one's under
+    # "<read-out>:<name>", with its seen-class accuracies in seen_other
     R = {name: np.full((T, T), np.nan) for name in MATRIX_KEYS}
+    R.update({f"{r}:{name}": np.full((T, T), np.nan) for r in names[1:] for name in MATRIX_KEYS})
+    seen_other = {r: {"test": [], "val": []} for r in names[1:]}
     seen_acc, seen_acc_val, times, start_t = [], [], [], 0
     warmup, later_warmup = module.warmup_epochs_for(cfg.trainer.max_epochs), later_warmup_epochs(cfg)
     later_scale = later_lr_scale(cfg)
@@ -180,6 +233,7 @@ def run_continual(cfg: DictConfig) -> dict:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         load_state(state, module, strategy)
         R, seen_acc, seen_acc_val, times = state["R"], state["seen_acc"], state["seen_acc_val"], state["times"]
+        seen_other = state.get("seen_other", seen_other)
         start_t = state["completed"] + 1
         log.info(f"resuming the sequence after increment {state['completed']} from {state_path}")
     loggers = instantiate_group(cfg.get("logger"))
@@ -207,15 +261,22 @@ def run_continual(cfg: DictConfig) -> dict:
             recluster.rebuild(trainer, module, k=module.clusters_per_class(None))
         # (otherwise a magnet model's index was rebuilt from its final weights at the end of its last epoch)
         strategy.end_task(t, module, datamodule)
-        row = evaluate_increment(module, datamodule, strategy, t)
-        for name in MATRIX_KEYS:
-            R[name][t, : t + 1] = row[name]
-        seen_acc.append(seen_accuracy(row["cil"], datamodule.test_arrays()[1], datamodule, t))
-        seen_acc_val.append(seen_accuracy(row["cil_val"], datamodule.val_arrays(datamodule.seen_classes)[1], datamodule, t))
+        rows = evaluate_readouts(module, datamodule, strategy, t)
+        row = rows[names[0]]
+        test_labels, val_labels = datamodule.test_arrays()[1], datamodule.val_arrays(datamodule.seen_classes)[1]
+        for r in names:
+            for name in MATRIX_KEYS:
+                R[name if r == names[0] else f"{r}:{name}"][t, : t + 1] = rows[r][name]
+        for r in names[1:]:
+            seen_other[r]["test"].append(seen_accuracy(rows[r]["cil"], test_labels, datamodule, t))
+            seen_other[r]["val"].append(seen_accuracy(rows[r]["cil_val"], val_labels, datamodule, t))
+        seen_acc.append(seen_accuracy(row["cil"], test_labels, datamodule, t))
+        seen_acc_val.append(seen_accuracy(row["cil_val"], val_labels, datamodule, t))
         times.append(time.perf_counter() - inc_start)
         log.info(f"increment {t}: Class-IL accuracy on seen classes {100 * seen_acc[-1]:.2f}% test, "
                  f"{100 * seen_acc_val[-1]:.2f}% validation (per increment {[round(100 * a, 1) for a in row['cil']]}), "
-                 f"{times[-1]:.0f}s")
+                 f"{times[-1]:.0f}s" + "".join(f"; {r} read-out {100 * seen_other[r]['test'][-1]:.2f}% test"
+                                               for r in names[1:]))
         for lg in loggers:
             lg.log_metrics({"cl/acc_seen": seen_acc[-1], "cl/acc_seen_val": seen_acc_val[-1],
                             "cl/task_il_mean": float(np.mean(row["til"]))}, step=t)
@@ -223,9 +284,11 @@ def run_continual(cfg: DictConfig) -> dict:
             save_state(state_path, {"completed": t, "config": to_container(cfg), "model": module.state_dict(),
                                     "cluster_state": module.cluster_state.state_dict(),
                                     "strategy": strategy.state_dict(), "R": R, "seen_acc": seen_acc,
-                                    "seen_acc_val": seen_acc_val, "times": times})
+                                    "seen_acc_val": seen_acc_val, "seen_other": seen_other, "times": times})
+    # a strategy measured by another read-out than its own is another row of src.compare's table
+    label = strategy.label if names[0] != "ncm" or strategy.readout == "ncm" else f"{strategy.label} (NCM read-out)"
     return write_outputs(cfg, out, datamodule, R, seen_acc, seen_acc_val, times, time.perf_counter() - t0, loggers,
-                         strategy.label)
+                         label, names, seen_other)
 
 
 def make_trainer(cfg: DictConfig, max_epochs: int | None = None) -> pl.Trainer:
@@ -259,7 +322,7 @@ def load_state(state: dict, module, strategy) -> None:
 
 
 def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, times, wall, loggers,
-                  label: str) -> dict:
+                  label: str, names: list[str] | None = None, seen_other: dict | None = None) -> dict:
     from src.utils.plots import accuracy_curve, accuracy_heatmap
 
     T = len(R["cil"])
@@ -275,6 +338,9 @@ def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, t
         "table": table,
         "final_class_il_accuracy": seen_acc[-1],
         "final_class_il_accuracy_val": seen_acc_val[-1],
+        # the read-out the matrices above are measured with, and every read-out's own (the primary one's repeated)
+        "readout": (names or ["?"])[0],
+        "readouts": readout_results(R, seen_acc, seen_acc_val, names or [], seen_other or {}),
         "time/increments_s": times, "time/total_s": float(sum(times)), "time/this_process_s": wall,
         "output_dir": str(out),
     }
@@ -290,12 +356,26 @@ def write_outputs(cfg, out: Path, datamodule, R: dict, seen_acc, seen_acc_val, t
     return results
 
 
+def readout_results(R: dict, seen_acc, seen_acc_val, names: list[str], seen_other: dict) -> dict:
+    """Per read-out: its four matrices with their summaries and its final Class-IL (test, validation)."""
+    out = {}
+    for i, r in enumerate(names):
+        prefix = "" if i == 0 else f"{r}:"
+        test, val = (seen_acc, seen_acc_val) if i == 0 else (seen_other[r]["test"], seen_other[r]["val"])
+        out[r] = {**{key: {"R": R[prefix + name], **summary(R[prefix + name])} for name, key in MATRIX_KEYS.items()},
+                  "final_class_il_accuracy": test[-1], "final_class_il_accuracy_val": val[-1]}
+    return out
+
+
 def accuracy_matrix_csv(R: dict) -> str:
+    """Every matrix of ``R``: the primary read-out's as class_il, task_il, ...; another read-out's as <read-out>:class_il."""
     T = len(R["cil"])
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["setting", "after_increment"] + [f"inc{j + 1}" for j in range(T)])
-    for name, label in MATRIX_KEYS.items():
-        for i in range(T):
-            w.writerow([label, i + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in R[name][i]])
+    prefixes = [""] + sorted({k.split(":")[0] + ":" for k in R if ":" in k})
+    for prefix in prefixes:
+        for name, label in MATRIX_KEYS.items():
+            for i in range(T):
+                w.writerow([prefix + label, i + 1] + ["" if np.isnan(v) else f"{v:.4f}" for v in R[prefix + name][i]])
     return buf.getvalue()

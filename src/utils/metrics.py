@@ -90,3 +90,24 @@ def stratified_sample(labels: torch.Tensor, per_class: int, seed: int = 0) -> to
 
 def to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[num_classes, E]: the mean embedding of each class's rows of ``emb``; a class with no row gets a NaN row
+    (``nearest_mean_scores`` never picks it). One scatter-add, no loop over classes."""
+    emb = emb.float()
+    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, labels, emb)
+    counts = torch.bincount(labels, minlength=num_classes).to(emb.dtype)[:, None]
+    return sums / counts  # 0 / 0 = NaN for an absent class
+
+
+def nearest_mean_scores(emb: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """[N, C] scores of each row against each class mean: minus the squared Euclidean distance, -inf for a class
+    whose mean is NaN (absent). Its argmax is the nearest mean; restricted to some columns, the nearest among them."""
+    d = torch.cdist(emb.float(), torch.nan_to_num(means.float())).pow(2)
+    return (-d).masked_fill(torch.isnan(means).any(1)[None, :], float("-inf"))
+
+
+def nearest_mean_predict(emb: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """[N] the class of the nearest mean (``class_means``'s rows; NaN rows never win)."""
+    return nearest_mean_scores(emb, means).argmax(1)

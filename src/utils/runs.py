@@ -76,5 +76,41 @@ CONTINUAL_COLUMNS: list[tuple[str, Callable[[dict], Any], bool]] = [
 ]
 
 
-def continual_cells(runs: list[dict]) -> list[str]:
-    return [fmt([get(r) for r in runs], pct) for _, get, pct in CONTINUAL_COLUMNS]
+# the label of the classic joint (src.continual.strategies.joint.Joint.label with matched_buffer=null): every seen
+# image each epoch, the same epochs per increment. The denominator of every ratio; a joint at a memory's budget is a
+# row of its own, never the denominator.
+CLASSIC_JOINT = "Joint"
+RATIO_HEADER = "ratio to joint"
+
+
+def final_class_il(runs: list[dict]) -> float:
+    """Mean over runs of the final Class-IL accuracy (the last row of the Class-IL matrix, averaged)."""
+    return float(np.mean([r["class_il"]["average_accuracy"] for r in runs]))
+
+
+def ratio_to_joint(runs: list[dict], joint: list[dict] | None) -> str:
+    """The runs' mean final Class-IL over the classic joint's; '–' without classic joint runs."""
+    if not joint or not final_class_il(joint) > 0:
+        return "–"
+    return f"{final_class_il(runs) / final_class_il(joint):.2f}"
+
+
+def continual_headers() -> list[str]:
+    """The continual columns' headers, the ratio to joint after the final Class-IL."""
+    headers = [h for h, _, _ in CONTINUAL_COLUMNS]
+    return [headers[0], RATIO_HEADER, *headers[1:]]
+
+
+def continual_cells(runs: list[dict], joint: list[dict] | None = None) -> list[str]:
+    cells = [fmt([get(r) for r in runs], pct) for _, get, pct in CONTINUAL_COLUMNS]
+    return [cells[0], ratio_to_joint(runs, joint), *cells[1:]]
+
+
+def joint_note(joint: list[dict] | None) -> str:
+    """The line under a continual table that says what its ratio divides by."""
+    if not joint:
+        return (f"{RATIO_HEADER}: no classic joint run (strategy=joint with strategy.matched_buffer=null) among "
+                "these runs")
+    return (f"{RATIO_HEADER}: final Class-IL over the classic joint's ({fmt([r['class_il']['average_accuracy'] for r in joint])} %, "
+            f"{len(joint)} run(s): every seen image each epoch, the same epochs per increment); a joint at a "
+            "memory's budget is a row, not the denominator")

@@ -6,7 +6,8 @@
   weights (True: the runner then rebuilds the cluster index, re-estimating BatchNorm, from the new weights);
 - ``end_task(t, module, datamodule)``: after training increment t (update memory, compensate drift).
 
-``eval_centroids`` decides which cluster centroids classify each seen class after an increment."""
+``eval_centroids`` decides which cluster centroids classify each seen class after an increment; ``class_mean_images``
+gives the images a nearest-class-mean read-out (``model.readout=ncm``, iCaRL) takes its class means from."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,9 @@ import torch
 class Strategy:
     name = "base"
     cumulative = False  # train on every seen class's data (the joint upper bound)
+    # the read-out the strategy is measured with whatever model.readout says: None (follow model.readout) or "ncm"
+    # (iCaRL: nearest mean of exemplars)
+    readout: str | None = None
 
     def __init__(self, **kwargs):
         if kwargs:
@@ -97,6 +101,16 @@ class Strategy:
             cents.append(cent)
             labels.append(torch.full((len(cent),), c, dtype=torch.long))
         return torch.cat(cents), torch.cat(labels)
+
+    @property
+    def keeps_class_mean_images(self) -> bool:
+        """Does the strategy legitimately keep images of every seen class to compute class means from?"""
+        return False
+
+    def class_mean_images(self, datamodule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(uint8 images, labels) the nearest-class-mean read-out computes each seen class's mean from after an
+        increment, or None. Here: none (a naive fine-tuner keeps no old images)."""
+        return None
 
     def state_dict(self) -> dict:
         return {"stored_centroids": self.stored_centroids}

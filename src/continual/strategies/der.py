@@ -94,6 +94,15 @@ class DER(Strategy):
         super().end_task(t, module, datamodule)
         self._train_images = None  # the next increment brings its own
 
+    @property
+    def keeps_class_mean_images(self) -> bool:
+        return True
+
+    def class_mean_images(self, datamodule):
+        """The reservoir's images (a class the reservoir holds no image of gets no mean and is never predicted)."""
+        n = len(self.buffer)
+        return (self.buffer.images[:n].cpu(), self.buffer.labels[:n].cpu()) if n else None
+
     def state_dict(self):
         return {**super().state_dict(), "buffer": self.buffer.state_dict()}
 

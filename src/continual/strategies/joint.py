@@ -33,6 +33,15 @@ class Joint(Strategy):
         super().begin_task(t, module, datamodule)
         datamodule.epoch_images = None if self.matched_buffer is None else self.matched_images(t, datamodule)
 
+    @property
+    def keeps_class_mean_images(self) -> bool:
+        return True
+
+    def class_mean_images(self, datamodule):
+        """Every training image of the seen classes: joint keeps all of them (at a matched budget too)."""
+        pool = datamodule.train_pool
+        return datamodule.pool_arrays(pool[torch.isin(datamodule.train_labels(pool), torch.tensor(datamodule.seen_classes))])
+
     def matched_images(self, t: int, datamodule) -> int:
         """Images a memory strategy with buffer_size=matched_buffer trains on in increment t: the increment's own, plus
         Replay's share of the buffer for each old class."""

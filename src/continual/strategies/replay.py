@@ -80,6 +80,7 @@ class Replay(Strategy):
         # replay_mode=batch: the memory's uint8 images and labels (on the device once the first step ran)
         self._memory_batch_source: tuple[torch.Tensor, torch.Tensor] | None = None
         self._memory_outputs = None  # (embeddings, labels) of the step's memory batch, from ``forward``
+        self._memory_inputs: torch.Tensor | None = None  # and its augmented images
 
     def begin_task(self, t, module, datamodule):
         super().begin_task(t, module, datamodule)
@@ -137,8 +138,10 @@ class Replay(Strategy):
             # under DDP each rank draws other memory images
             self._generator = stream_generator(self.seed, "replay", self._increment, rank=module.global_rank)
         pick = torch.randperm(len(images), generator=self._generator)[: len(x)].to(x.device, non_blocking=True)
-        emb, memory_emb = self.forward_together(module, x, self._transform(images[pick], train=True))
+        memory_x = self._transform(images[pick], train=True)
+        emb, memory_emb = self.forward_together(module, x, memory_x)
         self._memory_outputs = memory_emb, labels[pick]
+        self._memory_inputs = memory_x  # for a strategy whose loss also needs the inputs (iCaRL's teacher)
         return emb
 
     def observe(self, module, batch, embeddings, loss):
@@ -198,7 +201,20 @@ class Replay(Strategy):
             g = stream_generator(self.seed, "exemplars", t, item=c)
             return pool[torch.randperm(len(pool), generator=g)[:m]]
         images, _ = datamodule.pool_arrays(pool)
-        return pool[herding(embed_images(module, datamodule.transform, images).cpu(), m)]
+        return pool[herding(self.herding_features(embed_images(module, datamodule.transform, images).cpu()), m)]
+
+    def herding_features(self, emb: torch.Tensor) -> torch.Tensor:
+        """The features herding tracks the class mean in. Here: the embedding as it is."""
+        return emb
+
+    @property
+    def keeps_class_mean_images(self) -> bool:
+        return self.buffer_size > 0
+
+    def class_mean_images(self, datamodule):
+        """The memory's exemplars (after ``end_task``: the new classes' too, just selected)."""
+        idx = self.memory_indices()
+        return datamodule.pool_arrays(idx) if len(idx) else None
 
     def state_dict(self):
         return {**super().state_dict(), "memory": self.memory}
