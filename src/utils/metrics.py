@@ -68,11 +68,10 @@ def nearest_class_mean_accuracy(query: torch.Tensor, query_labels: torch.Tensor,
                                 reference_labels: torch.Tensor) -> float:
     """Accuracy of the nearest-class-mean read-out: each query takes the class whose mean reference embedding is
     nearest (squared L2). Classes without reference images are never predicted."""
-    r, rl = reference.float().cpu(), reference_labels.cpu()
-    classes = torch.unique(rl)
-    means = torch.stack([r[rl == c].mean(0) for c in classes])
-    nearest = torch.cdist(query.float().cpu(), means).argmin(1)
-    return float((classes[nearest] == query_labels.cpu()).float().mean()) if len(query_labels) else float("nan")
+    labels = reference_labels.cpu()
+    num_classes = int(max(labels.max(), query_labels.max())) + 1 if len(labels) else 0
+    means = class_means(reference.float().cpu(), labels, num_classes)
+    return accuracy(nearest_mean_scores(query.float().cpu(), means), query_labels)
 
 
 def accuracy(probs_or_logits: torch.Tensor, labels: torch.Tensor) -> float:
