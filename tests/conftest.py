@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ needs_real_data = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _small_threads():
-    torch.set_num_threads(2)
+    # 2 (the machine's cores) unless TEST_THREADS says otherwise: on cores shared with training runs, two spinning
+    # OpenMP threads per test slow it tenfold
+    torch.set_num_threads(int(os.environ.get("TEST_THREADS", "2")))
 
 
 @pytest.fixture

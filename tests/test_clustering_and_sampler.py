@@ -303,5 +303,7 @@ def test_warmup_batches_reach_the_sampler_from_the_config(make_cfg):
         model = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10", "data=fake", *overrides).model)
         return model.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1)
 
-    assert sampler_of().warmup_batches == "permutation"  # the experiment's choice since 2026-12-01 (commit b8e8257)
-    assert sampler_of("model.clusters.warmup_batches=iid").warmup_batches == "iid"
+    assert sampler_of().warmup_batches == "iid"  # the faithful default's (the paper draws no permutation)
+    assert sampler_of("model.clusters.warmup_batches=permutation").warmup_batches == "permutation"
+    hybrid = hydra.utils.instantiate(make_cfg("experiment=magnet_cifar10_hybrid", "data=fake").model)
+    assert hybrid.train_batch_sampler(100, seed=0, increment=None, rank=0, world_size=1).warmup_batches == "permutation"

@@ -239,7 +239,10 @@ def run_fake_magnet(tmp_path, *overrides):
 
     train(compose(["experiment=magnet_cifar10", "data=fake", "data.subset_size=null", "callbacks.rich_progress_bar=null",
                    "model.evaluation.tsne=false", "trainer.max_epochs=3", "model.warmup_epochs=1", "model.warmup_fraction=null",
-                   "model.clusters.M=4", "model.clusters.D=4", "test=false",
+                   "model.clusters.M=4", "model.clusters.D=4", "test=false", "model.optimizer.lr=0.01",
+                   "model.schedule_per_phase=false", "model.lr_scale_after_warmup=1.0",
+                   # the schedule's own rates, uncapped (the cap has its own tests in test_faithful_default.py)
+                   "model.lr_cap_after_warmup=null",
                    "+callbacks.record_steps._target_=tests.test_magnet_loss.RecordTrainingSteps", *overrides], tmp_path))
     return RecordTrainingSteps.steps
 
@@ -294,7 +297,7 @@ def test_schedule_per_phase_anneals_the_warmup_and_restarts_for_magnet_loss(tmp_
     warmup = [lr for epoch, lr, *_ in steps if epoch == 0]
     magnet = [lr for epoch, lr, *_ in steps if epoch >= 1]
     assert len(magnet) == 2 * len(warmup) > 20
-    lr, pct = 0.01, 0.2  # conf/experiment/magnet_cifar10.yaml (softmax's rate), conf/model/scheduler/onecycle.yaml
+    lr, pct = 0.01, 0.2  # run_fake_magnet's rate, conf/model/scheduler/onecycle.yaml
     assert warmup == pytest.approx(one_cycle_rates(len(warmup), lr, pct), rel=1e-9)
     assert magnet == pytest.approx([0.1 * r for r in one_cycle_rates(len(magnet), lr, pct)], rel=1e-9)
 
@@ -333,7 +336,8 @@ def test_schedule_per_phase_needs_a_total_steps_scheduler(make_cfg):
     from src.train import train
 
     cfg = make_cfg("experiment=magnet_cifar10", "debug=fdr", "data=fake", "data.subset_size=null", "model.schedule_per_phase=true",
-                   "model.lr_scale_after_warmup=1.0", "model.scheduler=null")
+                   "model.lr_scale_after_warmup=1.0", "model.scheduler=null",
+                   "model.lr_cap_after_warmup=null")
     with pytest.raises(Exception, match="model.schedule_per_phase restarts a scheduler"):
         train(cfg)
 

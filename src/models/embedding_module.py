@@ -206,12 +206,12 @@ class EmbeddingModule(pl.LightningModule):
         if self.lr_scale_after_warmup != 1.0 and self.hparams.scheduler is None:
             raise ValueError("model.lr_scale_after_warmup scales the scheduler's learning rate and needs a "
                              "model.scheduler; set one or model.lr_scale_after_warmup=1.0")
-        if self.lr_cap_after_warmup is not None and self.hparams.scheduler is None:
-            raise ValueError("model.lr_cap_after_warmup bounds the scheduler's learning rate and needs a "
-                             "model.scheduler; set one or model.lr_cap_after_warmup=null")
         if self.schedule_per_phase and (self.hparams.scheduler is None or not self.scheduler_takes_total_steps()):
             raise ValueError("model.schedule_per_phase restarts a scheduler that takes total_steps (e.g. OneCycleLR) "
                              "at the end of the warm-up; set model.scheduler=onecycle or model.schedule_per_phase=false")
+        if self.lr_cap_after_warmup is not None and self.hparams.scheduler is None:
+            raise ValueError("model.lr_cap_after_warmup bounds the scheduler's learning rate and needs a "
+                             "model.scheduler; set one or model.lr_cap_after_warmup=null")
         opt = self.hparams.optimizer(params=self.parameters())
         if self.hparams.scheduler is None:
             for group in opt.param_groups:  # a constant rate: scaled once
