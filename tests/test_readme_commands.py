@@ -95,3 +95,8 @@ def test_readme_command_composes(command, tmp_path):
     overrides, config_name = to_overrides(command)
     cfg = compose(overrides, tmp_path / "run", config_name)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves, too
+
+
+def test_the_readme_stays_a_five_minute_read():
+    """Issue #36: at most 30,000 characters; history belongs in docs/decisions.md."""
+    assert len(README.read_text()) <= 30_000
