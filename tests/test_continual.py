@@ -758,7 +758,9 @@ def test_joint_at_a_matched_budget_takes_as_many_steps_per_epoch_as_replay(tmp_p
     results = run(tmp_path, "matched", *args, "strategy=joint", "strategy.matched_buffer=40")
     assert results["strategy_label"] == "Joint (budget of a 40-image memory)"  # its own row in src.compare
     matched, replay = ({t: steps[(name, t)] for t in range(5)} for name in ("joint", "replay"))
-    assert labels_seen[("joint", 4)] == set(range(10))  # drawn from every seen class
+    # drawn from the seen classes, not the increment's alone: a neighbourhood batch holds M = 8 of the 10 classes,
+    # and which ones the loss-weighted seeds pick depends on floating-point order (threads), so not a fixed set
+    assert {8, 9} <= labels_seen[("joint", 4)] and len(labels_seen[("joint", 4)]) >= 8
     steps.clear()
     run(tmp_path, "full", *args, "strategy=joint")
     assert matched == replay and replay[4] == 2 * 8  # 2 epochs x ceil((50 + 40) / 12) batches
