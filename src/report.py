@@ -108,9 +108,26 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(run_dir, results, config, overrides)
 
 
+def readout_views(run: Run) -> list[Run]:
+    """A continual run measured by several read-outs (model.readout=ncm, iCaRL: the nearest class mean first, the
+    head beside it) as one Run per read-out, so that each is a row: the primary read-out as written, every other with
+    its own matrices and final accuracies in place of the primary's and a label that names it. The same training,
+    so the same wall time and command."""
+    others = [r for r in (run.results.get("readouts") or {}) if r != run.results.get("readout")]
+    if not is_continual(run.results) or not others:
+        return [run]
+    base = strategy_label(run.results).removesuffix(" (NCM read-out)")
+    views = [run]
+    for name in others:
+        results = {**run.results, **run.results["readouts"][name], "readout": name,
+                   "strategy_label": f"{base} ({name} read-out of the same runs)"}
+        views.append(Run(run.path, results, run.config, run.overrides))
+    return views
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[tuple, Group] = {}
-    for run in runs:
+    for run in (view for r in runs for view in readout_views(r)):
         kind = "continual" if is_continual(run.results) else "metric"
         experiment = str(run.config.get("experiment_name") or run.results.get("experiment") or "?")
         strategy = strategy_label(run.results) if kind == "continual" else None

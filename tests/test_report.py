@@ -74,6 +74,31 @@ def test_continual_runs_get_their_own_table_and_write_atomically(tmp_path):
     assert row[-1] == "`python -m src.train -m experiment=continual_5x2 strategy=replay seed=1,2`"
 
 
+def test_a_run_with_two_read_outs_is_a_row_per_read_out_with_that_read_outs_numbers(tmp_path):
+    """model.readout=ncm: results.json's matrices are the nearest class mean's, readouts.head the head's of the same
+    runs; each read-out is its own row, both with the runs' wall time and command."""
+    def summary(final):
+        return {"average_accuracy": final, "average_incremental_accuracy": final + 0.1, "forgetting": 0.3,
+                "backward_transfer": -0.3}
+
+    def run(name, seed, ncm, head):
+        mats = lambda final: {"class_il": summary(final), "task_il": summary(0.8)}  # noqa: E731
+        return fake_run(tmp_path, name, {**mats(ncm), "strategy": "src.continual.strategies.replay.Replay",
+                                         "strategy_label": "Replay (NCM read-out)", "readout": "ncm",
+                                         "readouts": {"ncm": mats(ncm), "head": mats(head)}, "time/total_s": 90.0},
+                        ["experiment=continual_5x2", "model=softmax", "strategy=replay", "model.readout=ncm",
+                         f"seed={seed}"], "continual_5x2", seed)
+
+    md = main([run("r1", 1, 0.50, 0.30), run("r2", 2, 0.54, 0.34)])
+    ncm = row_of(md, "| Replay (NCM read-out) |")
+    head = row_of(md, "| Replay (head read-out of the same runs) |")
+    assert ncm[4] == "52.0 ± 2.8" and head[4] == "32.0 ± 2.8"  # means of 50, 54 and of 30, 34
+    assert ncm[7] == "62.0 ± 2.8" and head[7] == "42.0 ± 2.8"  # average incremental: final + 10 points
+    assert ncm[-1] == head[-1] == ("`python -m src.train -m experiment=continual_5x2 model=softmax strategy=replay "
+                                   "model.readout=ncm seed=1,2`")
+    assert ncm[-2] == head[-2] == "90.0 ± 0.0"  # time (s): the same training
+
+
 def test_a_folder_without_results_is_one_line_naming_it(tmp_path):
     (tmp_path / "half" / ".hydra").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
