@@ -72,7 +72,7 @@ CONTINUAL_COLUMNS: list[tuple[str, Callable[[dict], Any], bool]] = [
     ("forgetting (pts)", _get("class_il", "forgetting"), True),
     ("BWT (pts)", _get("class_il", "backward_transfer"), True),
     ("final Task-IL acc (%)", _get("task_il", "average_accuracy"), True),
-    ("time (s)", _get("time/total_s"), False),
+    ("wall time (min)", lambda r: None if r.get("time/total_s") is None else r["time/total_s"] / 60, False),
 ]
 
 
