@@ -7,9 +7,9 @@ reproduces it.
                      # replaces the block between <!-- TABLE:metric_learning --> and <!-- /TABLE:metric_learning -->
 
 Each RUN_DIR is a folder `python -m src.train` wrote: results.json and Hydra's .hydra/config.yaml and
-.hydra/overrides.yaml. A folder that holds finished runs instead (docs/runs/continual) stands for them, in name order. Runs are grouped by experiment (experiment_name; for continual runs also the strategy's
-label) and by their command-line overrides, less the seed and the few keys that do not change what is trained
-(NON_SEMANTIC). Metric-learning and continual runs get one table each. Std is the sample std (ddof=1); a
+.hydra/overrides.yaml; a folder of finished runs (docs/runs/continual) stands for them, in name order. Runs are
+grouped by experiment (experiment_name; for continual runs also the strategy's label) and by their command-line
+overrides, less the seed and the few keys that do not change what is trained (NON_SEMANTIC). Metric-learning and continual runs get one table each. Std is the sample std (ddof=1); a
 setting with one run shows its value alone. A folder that is not a finished run stops the report with one line
 naming it and what it lacks."""
 from __future__ import annotations

@@ -63,16 +63,16 @@ def _get(*path: str) -> Callable[[dict], Any]:
     return get
 
 
-# (header, value of one run's results.json, percent?): the continual table's metric columns
-CONTINUAL_COLUMNS: list[tuple[str, Callable[[dict], Any], bool]] = [
-    ("final Class-IL acc (%)", _get("class_il", "average_accuracy"), True),
+# (header, value of one run's results.json, scale to the header's unit): the continual table's metric columns
+CONTINUAL_COLUMNS: list[tuple[str, Callable[[dict], Any], float]] = [
+    ("final Class-IL acc (%)", _get("class_il", "average_accuracy"), 100),
     # what settings are chosen on; runs from before validation was measured have none
-    ("final Class-IL acc on validation (%)", _get("class_il_val", "average_accuracy"), True),
-    ("avg incremental acc (%)", _get("class_il", "average_incremental_accuracy"), True),
-    ("forgetting (pts)", _get("class_il", "forgetting"), True),
-    ("BWT (pts)", _get("class_il", "backward_transfer"), True),
-    ("final Task-IL acc (%)", _get("task_il", "average_accuracy"), True),
-    ("wall time (min)", lambda r: None if r.get("time/total_s") is None else r["time/total_s"] / 60, False),
+    ("final Class-IL acc on validation (%)", _get("class_il_val", "average_accuracy"), 100),
+    ("avg incremental acc (%)", _get("class_il", "average_incremental_accuracy"), 100),
+    ("forgetting (pts)", _get("class_il", "forgetting"), 100),
+    ("BWT (pts)", _get("class_il", "backward_transfer"), 100),
+    ("final Task-IL acc (%)", _get("task_il", "average_accuracy"), 100),
+    ("wall time (min)", _get("time/total_s"), 1 / 60),
 ]
 
 
@@ -102,7 +102,7 @@ def continual_headers() -> list[str]:
 
 
 def continual_cells(runs: list[dict], joint: list[dict] | None = None) -> list[str]:
-    cells = [fmt([get(r) for r in runs], pct) for _, get, pct in CONTINUAL_COLUMNS]
+    cells = [mean_std([get(r) for r in runs], scale) for _, get, scale in CONTINUAL_COLUMNS]
     return [cells[0], ratio_to_joint(runs, joint), *cells[1:]]
 
 
