@@ -4,6 +4,10 @@
     python benchmarks/peer_avalanche.py [--seed 42] [--epochs 20] [--out docs/figures/peer_avalanche]
     python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
     python benchmarks/peer_avalanche.py --runs avalanche:naive ours:softmax:der   # a subset, e.g. one per CPU core
+    python benchmarks/peer_avalanche.py --runs avalanche:icarl --records docs/runs/continual   # + run folders for src.report
+
+With --records DIR, each Avalanche run is also written as a run folder DIR/8_avalanche_<strategy>_s<seed> in
+src.train's layout, so that `python -m src.report DIR` puts the peer's rows in the same generated table as ours.
 
 Each finished run is saved to OUT/runs/<run>_s<seed>_e<epochs>_b<buffer>.json and reused by later calls with the
 same --out and settings (--fresh re-runs it), so the runs can be split across processes, a cut sequence resumes at
@@ -191,6 +195,36 @@ def run_ours(model: str, strategy: str, args, out: Path) -> dict:
             "final_class_il": res["final_class_il_accuracy"], "wall_s": time.perf_counter() - start, "seed": args.seed}
 
 
+# Avalanche's class names, for the rows of the generated table
+AVALANCHE_LABELS = {"naive": "Naive", "replay": "Replay", "der": "DER", "icarl": "ICaRL"}
+
+
+def write_record(row: dict, args, records: Path) -> Path:
+    """An Avalanche run as a run folder src.report reads: results.json with our runner's continual keys (the same
+    summary() of the same matrices), and .hydra/ with the experiment and no overrides. Its command is this script's,
+    so the table's command column reproduces the peer run, not one of ours."""
+    R = {k: np.asarray(v, dtype=float) for k, v in row["R"].items()}
+    as_list = lambda M: [[None if math.isnan(v) else float(v) for v in r] for r in M.tolist()]  # noqa: E731
+    results = {
+        "task": "peer", "experiment": "continual_5x2", "library": row["library"], "seed": row["seed"],
+        "strategy": f"avalanche.training.{AVALANCHE_LABELS[row['strategy']]}",
+        "strategy_label": f"Avalanche {AVALANCHE_LABELS[row['strategy']]}",
+        **{key: {**summary(R[k]), "R": as_list(R[k])} for k, key in (("cil", "class_il"), ("til", "task_il"),
+                                                                      ("cil_val", "class_il_val"))},
+        "final_class_il_accuracy": float(row["final_class_il"]),
+        "final_class_il_accuracy_val": float(np.nanmean(R["cil_val"][-1])),
+        "time/total_s": float(row["wall_s"]),
+        "command": ["python", "benchmarks/peer_avalanche.py", "--runs", f"avalanche:{row['strategy']}",
+                    "--epochs", str(args.epochs), "--buffer", str(args.buffer)],
+    }
+    folder = records / f"8_avalanche_{row['strategy']}_s{row['seed']}"
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / ".hydra" / "config.yaml", f"experiment_name: continual_5x2\nseed: {row['seed']}\n")
+    atomic_write_text(folder / ".hydra" / "overrides.yaml", "[]\n")
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=1))  # last: its presence marks a finished run
+    return folder
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| library | model | strategy | seed | final Class-IL (%) | final Class-IL, validation (%) | "
              "avg incremental acc (%) | forgetting (pts) | final Task-IL (%) | wall time |",
@@ -239,7 +273,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: every run, or --only's)")
     ap.add_argument("--fresh", action="store_true", help="re-run runs already saved under OUT/runs")
     ap.add_argument("--out", type=Path, default=Path("outputs/peer_avalanche"))
+    ap.add_argument("--records", type=Path, help="also write each Avalanche run as a run folder here (for src.report)")
     args = ap.parse_args(argv)
+    if args.records and args.fake:
+        raise SystemExit("--records with --fake would put synthetic-data runs among real ones: drop one of them")
     try:
         import avalanche  # noqa: F401
     except ImportError:
@@ -272,6 +309,10 @@ def main(argv=None) -> list[dict]:
     atomic_write_text(args.out / "results.json", json.dumps(
         [{**r, "R": {k: no_nan(v) for k, v in r["R"].items()}} for r in rows], indent=1))
     figure(rows, args.out / "class_il.png")
+    if args.records:
+        for row in rows:
+            if row["library"] != "ours":
+                print(f"record: {write_record(row, args, args.records)}")
     print(md)
     return rows
 

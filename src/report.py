@@ -162,11 +162,16 @@ def seeds_of(group: Group) -> list[Any]:
 
 def command(group: Group) -> str:
     """The first run's overrides as written, less its seed and any non-semantic override the runs disagree on,
-    then every seed of the group (a multirun when there are several)."""
+    then every seed of the group (a multirun when there are several). A peer's run carries its own command."""
+    seeds = seeds_of(group)
+    peer = group.runs[0].results.get("command")  # a peer library's run (benchmarks/peer_avalanche.py --records)
+    if peer:
+        if len(seeds) == 1:
+            return shlex.join([*peer, "--seed", str(seeds[0])])
+        return f"for s in {' '.join(map(str, seeds))}; do {shlex.join(peer)} --seed $s; done"
     first = group.runs[0].overrides
     kept = [o for o in first if override_key(o) != "seed"
             and (semantic(o) or all(o in r.overrides for r in group.runs))]
-    seeds = seeds_of(group)
     words = ["python", "-m", "src.train", *(["-m"] if len(seeds) > 1 else []), *kept,
              "seed=" + ",".join(str(s) for s in seeds)]
     return shlex.join(words)

@@ -141,3 +141,34 @@ def test_a_folder_of_runs_stands_for_its_runs_in_name_order(tmp_path):
     assert "62.0 ± 2.8" in rows[0] and "seed=42,43" in rows[0]  # 60, 64, from the two magnet runs inside
     with pytest.raises(SystemExit, match=r"notes: neither a run \(no results\.json\) nor a folder of finished runs$"):
         main([str(tmp_path / "runs" / "notes")])
+
+
+def test_an_avalanche_run_record_is_a_row_of_its_own_with_the_peer_scripts_command(tmp_path):
+    """benchmarks/peer_avalanche.py --records: the peer's matrices summarised as ours are, its command in the table."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import peer_avalanche  # avalanche itself is imported only to train, so this runs without it
+    finally:
+        sys.path.pop(0)
+    nan = float("nan")
+    # final row 0.2, 0.4: Class-IL 30 %; task 0 forgotten from 0.9 to 0.2 (70 points)
+    R = np.array([[0.9, nan], [0.2, 0.4]])
+    args = argparse.Namespace(epochs=20, buffer=500)
+    rows = [{"library": "Avalanche 0.6.0", "strategy": "icarl", "seed": s, "wall_s": 600.0 + 60 * (s - 42), "final_class_il": 0.3,
+             "R": {"cil": R + d, "til": np.array([[1.0, nan], [0.9, 0.8]]), "cil_val": R}}
+            for s, d in ((42, 0.0), (43, 0.1))]
+    folders = [peer_avalanche.write_record(r, args, tmp_path) for r in rows]
+    assert [f.name for f in folders] == ["8_avalanche_icarl_s42", "8_avalanche_icarl_s43"]
+    row = row_of(main([str(tmp_path)]), "| Avalanche ICaRL |")
+    # final Class-IL: 30 and 40 %; forgetting 70 points in both; wall 10 and 11 min
+    assert row[3:7] == ["2", "35.0 ± 7.1", "–", "30.0 ± 0.0"]  # no classic joint among these runs: no ratio
+    assert row[8] == "70.0 ± 0.0"
+    assert row[-2] == "10.5 ± 0.7"
+    assert row[-1] == ("`for s in 42 43; do python benchmarks/peer_avalanche.py --runs avalanche:icarl --epochs 20 "
+                       "--buffer 500 --seed $s; done`")
