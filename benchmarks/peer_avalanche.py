@@ -211,6 +211,9 @@ def write_record(row: dict, args, records: Path) -> Path:
         "strategy_label": f"Avalanche {AVALANCHE_LABELS[row['strategy']]}",
         **{key: {**summary(R[k]), "R": as_list(R[k])} for k, key in (("cil", "class_il"), ("til", "task_il"),
                                                                       ("cil_val", "class_il_val"))},
+        # per increment, the seen classes' mean (every class has as many test and validation images), for src.compare
+        "table": [{"increment": t + 1, "accuracy_seen": float(np.nanmean(R["cil"][t, : t + 1])),
+                   "accuracy_seen_val": float(np.nanmean(R["cil_val"][t, : t + 1]))} for t in range(len(R["cil"]))],
         "final_class_il_accuracy": float(row["final_class_il"]),
         "final_class_il_accuracy_val": float(np.nanmean(R["cil_val"][-1])),
         "time/total_s": float(row["wall_s"]),

@@ -1,6 +1,7 @@
 """Compare continual-learning runs: one figure with every run's Class-IL curve, one markdown table.
 
-    python -m src.compare outputs/train/runs/continual_5x2/* [--out comparison] [--label-by strategy]
+    python -m src.compare outputs/train/runs/continual_5x2/* [--out comparison]
+    python -m src.compare docs/runs/continual --out docs/figures/continual_5x2    # a folder of runs stands for them
 
 Runs of the same strategy (e.g. several seeds) are aggregated as mean ± std. Each row's final Class-IL is also given as a
 ratio to the classic joint's (``strategy=joint``, label ``Joint``: every seen image each epoch, the same epochs per
@@ -19,6 +20,7 @@ from src.utils.runs import (
     RunFolderError,
     continual_cells,
     continual_headers,
+    expand_run_dirs,
     is_continual,
     joint_note,
     read_results,
@@ -53,10 +55,13 @@ def table(groups: dict[str, list[dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run folders holding results.json")
+    ap.add_argument("runs", nargs="+", help="run folders holding results.json, or folders of them")
     ap.add_argument("--out", default="comparison", help="writes OUT.md and OUT.png")
     args = ap.parse_args(argv)
-    groups = load_runs(args.runs)
+    try:
+        groups = load_runs([str(d) for d in expand_run_dirs(args.runs)])
+    except RunFolderError as e:
+        raise SystemExit(f"src.compare: {e}") from None
     if not groups:
         raise SystemExit("no continual-learning results.json found in the given folders")
     md = table(groups)

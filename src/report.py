@@ -30,6 +30,7 @@ from src.utils.runs import (
     RunFolderError,
     continual_cells,
     continual_headers,
+    expand_run_dirs,
     is_continual,
     joint_note,
     mean_std,
@@ -123,21 +124,6 @@ def readout_views(run: Run) -> list[Run]:
                    "strategy_label": f"{base} ({name} read-out of the same runs)"}
         views.append(Run(run.path, results, run.config, run.overrides))
     return views
-
-
-def expand_run_dirs(paths: list[str]) -> list[Path]:
-    """Each path as itself when it is a run (or a half-finished one, which read_run then names), else the finished
-    runs directly inside it in name order, so a tracked folder of runs is one argument and one short marker line."""
-    runs: list[Path] = []
-    for path in map(Path, paths):
-        if not path.is_dir() or (path / "results.json").exists() or (path / ".hydra").exists():
-            runs.append(path)
-            continue
-        inside = sorted(d for d in path.iterdir() if (d / "results.json").is_file())
-        if not inside:
-            raise RunFolderError(f"{path}: neither a run (no results.json) nor a folder of finished runs")
-        runs.extend(inside)
-    return runs
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

@@ -179,6 +179,8 @@ def test_compare_draws_one_figure_and_one_table(tmp_path):
     no_joint = main([runs[0], runs[4], "--out", str(tmp_path / "cmp2")])
     assert "| Naive | 1 | 50.0 | – |" in no_joint and "no classic joint run" in no_joint
     assert (tmp_path / "cmp.png").stat().st_size > 1000 and (tmp_path / "cmp.md").read_text() == md
+    # the folder holding the runs stands for them all
+    assert main([str(tmp_path), "--out", str(tmp_path / "cmp3")]) == md
 
 
 # ---- cross-entropy continual learning and DER++ ------------------------------------------------------------

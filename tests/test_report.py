@@ -165,6 +165,8 @@ def test_an_avalanche_run_record_is_a_row_of_its_own_with_the_peer_scripts_comma
             for s, d in ((42, 0.0), (43, 0.1))]
     folders = [peer_avalanche.write_record(r, args, tmp_path) for r in rows]
     assert [f.name for f in folders] == ["8_avalanche_icarl_s42", "8_avalanche_icarl_s43"]
+    assert [t["accuracy_seen"] for t in json.loads((folders[0] / "results.json").read_text())["table"]] == \
+        pytest.approx([0.9, 0.3])
     row = row_of(main([str(tmp_path)]), "| Avalanche ICaRL |")
     # final Class-IL: 30 and 40 %; forgetting 70 points in both; wall 10 and 11 min
     assert row[3:7] == ["2", "35.0 ± 7.1", "–", "30.0 ± 0.0"]  # no classic joint among these runs: no ratio

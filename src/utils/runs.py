@@ -33,6 +33,21 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
+def expand_run_dirs(paths: list[str]) -> list[Path]:
+    """Each path as itself when it is a run (or a half-finished one, which read_run then names), else the finished
+    runs directly inside it in name order, so a tracked folder of runs is one argument and one short marker line."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir() or (path / "results.json").exists() or (path / ".hydra").exists():
+            runs.append(path)
+            continue
+        inside = sorted(d for d in path.iterdir() if (d / "results.json").is_file())
+        if not inside:
+            raise RunFolderError(f"{path}: neither a run (no results.json) nor a folder of finished runs")
+        runs.extend(inside)
+    return runs
+
+
 def is_continual(results: dict) -> bool:
     return "class_il" in results
 
