@@ -169,7 +169,7 @@ def test_an_avalanche_run_record_is_a_row_of_its_own_with_the_peer_scripts_comma
         pytest.approx([0.9, 0.3])
     row = row_of(main([str(tmp_path)]), "| Avalanche ICaRL |")
     # final Class-IL: 30 and 40 %; forgetting 70 points in both; wall 10 and 11 min
-    assert row[3:7] == ["2", "35.0 ± 7.1", "–", "30.0 ± 0.0"]  # no classic joint among these runs: no ratio
+    assert row[2:7] == ["(its own script)", "2", "35.0 ± 7.1", "–", "30.0 ± 0.0"]  # no classic joint among these runs: no ratio
     assert row[8] == "70.0 ± 0.0"
     assert row[-2] == "10.5 ± 0.7"
     assert row[-1] == ("`for s in 42 43; do python benchmarks/peer_avalanche.py --runs avalanche:icarl --epochs 20 "
