@@ -195,6 +195,11 @@ def run_ours(model: str, strategy: str, args, out: Path) -> dict:
             "final_class_il": res["final_class_il_accuracy"], "wall_s": time.perf_counter() - start, "seed": args.seed}
 
 
+def no_nan(R: np.ndarray) -> list[list[float | None]]:
+    """A matrix as JSON lists, its unmeasured (NaN) entries as null."""
+    return [[None if math.isnan(v) else v for v in row] for row in R.tolist()]
+
+
 # Avalanche's class names, for the rows of the generated table
 AVALANCHE_LABELS = {"naive": "Naive", "replay": "Replay", "der": "DER", "icarl": "ICaRL"}
 
@@ -204,12 +209,11 @@ def write_record(row: dict, args, records: Path) -> Path:
     summary() of the same matrices), and .hydra/ with the experiment and no overrides. Its command is this script's,
     so the table's command column reproduces the peer run, not one of ours."""
     R = {k: np.asarray(v, dtype=float) for k, v in row["R"].items()}
-    as_list = lambda M: [[None if math.isnan(v) else float(v) for v in r] for r in M.tolist()]  # noqa: E731
     results = {
         "task": "peer", "experiment": "continual_5x2", "library": row["library"], "seed": row["seed"],
         "strategy": f"avalanche.training.{AVALANCHE_LABELS[row['strategy']]}",
         "strategy_label": f"Avalanche {AVALANCHE_LABELS[row['strategy']]}",
-        **{key: {**summary(R[k]), "R": as_list(R[k])} for k, key in (("cil", "class_il"), ("til", "task_il"),
+        **{key: {**summary(R[k]), "R": no_nan(R[k])} for k, key in (("cil", "class_il"), ("til", "task_il"),
                                                                       ("cil_val", "class_il_val"))},
         # per increment, the seen classes' mean (every class has as many test and validation images), for src.compare
         "table": [{"increment": t + 1, "accuracy_seen": float(np.nanmean(R["cil"][t, : t + 1])),
@@ -292,7 +296,6 @@ def main(argv=None) -> list[dict]:
     # Everything that changes a run's result is in its file name, so a saved run is never reused for another setting.
     setting = f"s{args.seed}_e{args.epochs}_b{args.buffer}" + ("_fake" if args.fake else "")
     path_of = lambda run: saved / f"{run.replace(':', '_')}_{setting}.json"  # noqa: E731
-    no_nan = lambda R: [[None if math.isnan(v) else v for v in row] for row in R.tolist()]  # noqa: E731
     for run in args.runs:
         if path_of(run).is_file() and not args.fresh:
             print(f"{run}: reusing {path_of(run)}")
