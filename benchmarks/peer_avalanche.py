@@ -5,6 +5,7 @@
     python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
     python benchmarks/peer_avalanche.py --runs avalanche:naive ours:softmax:der   # a subset, e.g. one per CPU core
     python benchmarks/peer_avalanche.py --runs avalanche:icarl --records docs/runs/continual   # + run folders for src.report
+    python benchmarks/peer_avalanche.py --runs avalanche:replay --lr 0.005   # the lr our softmax replay and DER++ use
 
 With --records DIR, each Avalanche run is also written as a run folder DIR/8_avalanche_<strategy>_s<seed> in
 src.train's layout, so that `python -m src.report DIR` puts the peer's rows in the same generated table as ours.
@@ -66,6 +67,8 @@ FAKE = ["data=fake", "data.subset_size=null", "data.val_size=50", "data.train_pe
 def base_overrides(args) -> list[str]:
     over = ["experiment=continual_5x2", f"seed={args.seed}", f"trainer.max_epochs={args.epochs}",
             "+trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"]
+    if args.lr is not None:  # both libraries' runs: only the library may differ
+        over.append(f"model.optimizer.lr={args.lr}")
     return over + (FAKE if args.fake else [])
 
 
@@ -222,7 +225,8 @@ def write_record(row: dict, args, records: Path) -> Path:
         "final_class_il_accuracy_val": float(np.nanmean(R["cil_val"][-1])),
         "time/total_s": float(row["wall_s"]),
         "command": ["python", "benchmarks/peer_avalanche.py", "--runs", f"avalanche:{row['strategy']}",
-                    "--epochs", str(args.epochs), "--buffer", str(args.buffer)],
+                    "--epochs", str(args.epochs), "--buffer", str(args.buffer),
+                    *(["--lr", f"{args.lr:g}"] if args.lr is not None else [])],
     }
     folder = records / f"8_avalanche_{row['strategy']}_s{row['seed']}"
     (folder / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -275,6 +279,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--epochs", type=int, default=20, help="per increment (continual_5x2's trainer.max_epochs; the README's peer table used 10)")
     ap.add_argument("--buffer", type=int, default=500)
+    ap.add_argument("--lr", type=float, help="peak SGD lr for every run (default: the model config's; model=softmax: 0.01)")
     ap.add_argument("--fake", action="store_true", help="tiny synthetic data (a smoke test)")
     ap.add_argument("--only", choices=("avalanche", "ours", "all"), default="all")
     ap.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: every run, or --only's)")
@@ -294,7 +299,8 @@ def main(argv=None) -> list[dict]:
     saved = args.out / "runs"
     saved.mkdir(parents=True, exist_ok=True)
     # Everything that changes a run's result is in its file name, so a saved run is never reused for another setting.
-    setting = f"s{args.seed}_e{args.epochs}_b{args.buffer}" + ("_fake" if args.fake else "")
+    setting = (f"s{args.seed}_e{args.epochs}_b{args.buffer}" + (f"_lr{args.lr:g}" if args.lr is not None else "")
+               + ("_fake" if args.fake else ""))
     path_of = lambda run: saved / f"{run.replace(':', '_')}_{setting}.json"  # noqa: E731
     for run in args.runs:
         if path_of(run).is_file() and not args.fresh:

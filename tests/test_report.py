@@ -159,7 +159,7 @@ def test_an_avalanche_run_record_is_a_row_of_its_own_with_the_peer_scripts_comma
     nan = float("nan")
     # final row 0.2, 0.4: Class-IL 30 %; task 0 forgotten from 0.9 to 0.2 (70 points)
     R = np.array([[0.9, nan], [0.2, 0.4]])
-    args = argparse.Namespace(epochs=20, buffer=500)
+    args = argparse.Namespace(epochs=20, buffer=500, lr=None)
     rows = [{"library": "Avalanche 0.6.0", "strategy": "icarl", "seed": s, "wall_s": 600.0 + 60 * (s - 42), "final_class_il": 0.3,
              "R": {"cil": R + d, "til": np.array([[1.0, nan], [0.9, 0.8]]), "cil_val": R}}
             for s, d in ((42, 0.0), (43, 0.1))]
@@ -174,6 +174,10 @@ def test_an_avalanche_run_record_is_a_row_of_its_own_with_the_peer_scripts_comma
     assert row[-2] == "10.5 ± 0.7"
     assert row[-1] == ("`for s in 42 43; do python benchmarks/peer_avalanche.py --runs avalanche:icarl --epochs 20 "
                        "--buffer 500 --seed $s; done`")
+    # a run at another lr says so in its command, so the row reproduces at that lr
+    screened = peer_avalanche.write_record({**rows[0], "strategy": "replay"}, argparse.Namespace(epochs=20, buffer=500, lr=0.005),
+                                           tmp_path / "lr")
+    assert json.loads((screened / "results.json").read_text())["command"][-2:] == ["--lr", "0.005"]
 
 
 def test_every_readme_table_is_what_its_marker_command_makes_of_the_tracked_runs(monkeypatch):
