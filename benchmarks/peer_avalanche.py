@@ -19,8 +19,9 @@ What is shared, so that only the library differs:
   increment, the same test images and validation split) and its augmentation (random crop + flip +
   normalisation, applied per image for Avalanche);
 - model: the same GoogLeNet trunk and linear head (`model=softmax`), freshly initialised with the same seed;
-- optimiser: SGD with the harness's lr, momentum, Nesterov and weight decay, restarted with a one-cycle
-  schedule at each increment (as our runner does), the same batch size and epochs per increment;
+- optimiser: SGD with the harness's lr (or --lr's, for both libraries), momentum, Nesterov and weight decay,
+  restarted with a one-cycle schedule at each increment (as our runner does), the same batch size and epochs per
+  increment;
 - buffers: 500 images; DER++ with alpha 0.2, beta 0.5 (the paper's Seq-CIFAR-10 buffer-500 values); iCaRL with a
   fixed memory of 500 (``fixed_memory=True``), its exemplars augmented like the training images when replayed;
 - read-out: after each increment both libraries' models are scored by the same function
