@@ -201,10 +201,11 @@ def continual_table(groups: list[Group]) -> str:
     # the classic joint of the same experiment is every row's denominator (its default settings' runs)
     joint = [r.results for g in groups if g.strategy == CLASSIC_JOINT
              and all(override_key(o) in ("experiment", "strategy") for o in g.settings) for r in g.runs] or None
-    lines = ["| experiment | strategy | settings | seeds | " + " | ".join(headers) + " | command |",
-             "|---|---|---|---|" + "---|" * len(headers) + "---|"]
+    # no settings column: a continual row's settings are its strategy's, and the command spells them out in full
+    lines = ["| experiment | strategy | seeds | " + " | ".join(headers) + " | command |",
+             "|---|---|---|" + "---|" * len(headers) + "---|"]
     for g in groups:
-        lines.append(f"| {cell(g.experiment)} | {cell(g.strategy or '?')} | {settings_cell(g)} | {len(g.runs)} | "
+        lines.append(f"| {cell(g.experiment)} | {cell(g.strategy or '?')} | {len(g.runs)} | "
                      + " | ".join(continual_cells([r.results for r in g.runs], joint)) + f" | {code(command(g))} |")
     return "\n".join(lines) + "\n\n" + joint_note(joint) + "\n"
 
