@@ -1,7 +1,7 @@
 """Avalanche's Naive, Replay, DER++ and iCaRL on exactly our increments, side by side with ours, from one run.
 
     pip install -e '.[peers]'          # avalanche-lib, pinned in pyproject.toml
-    python benchmarks/peer_avalanche.py [--seed 42] [--epochs 20] [--out docs/figures/peer_avalanche]
+    python benchmarks/peer_avalanche.py [--seed 42] [--epochs 20] [--out outputs/peer_avalanche]
     python benchmarks/peer_avalanche.py --fake       # tiny synthetic data, seconds (what the test runs)
     python benchmarks/peer_avalanche.py --runs avalanche:naive ours:softmax:der   # a subset, e.g. one per CPU core
     python benchmarks/peer_avalanche.py --runs avalanche:icarl --records docs/runs/continual   # + run folders for src.report
