@@ -278,7 +278,7 @@ def figure(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--epochs", type=int, default=20, help="per increment (continual_5x2's trainer.max_epochs; the README's peer table used 10)")
+    ap.add_argument("--epochs", type=int, default=20, help="per increment (continual_5x2's trainer.max_epochs)")
     ap.add_argument("--buffer", type=int, default=500)
     ap.add_argument("--lr", type=float, help="peak SGD lr for every run (default: the model config's; model=softmax: 0.01)")
     ap.add_argument("--fake", action="store_true", help="tiny synthetic data (a smoke test)")

@@ -172,8 +172,6 @@ def code(text: str) -> str:
 
 
 def settings_cell(group: Group) -> str:
-    if group.runs[0].results.get("command"):
-        return "(its own script)"  # a peer library's run: its settings are the command's
     shown = [o for o in group.settings if override_key(o) != "experiment"]
     return " ".join(code(o) for o in shown) or "(defaults)"
 
